@@ -1,0 +1,3 @@
+"""lazypaged: post-copy memory restore over userfaultfd."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""The ``lazypaged`` command line: a thin front over Config and the daemon.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import ConfigError, load
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lazypaged",
+        description="Post-copy memory restore: serve userfaultfd page faults from snapshots.",
+    )
+    p.add_argument("--version", action="version", version=f"lazypaged {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground (systemd Type=notify)")
+    serve.add_argument("--config", "-c", type=Path, help="TOML configuration (default: built-in defaults)")
+    serve.add_argument("--handoff-socket", type=Path, help="override daemon.handoff_socket")
+    serve.add_argument("--snapshot-dir", type=Path, action="append", help="override daemon.snapshot_dirs")
+    serve.add_argument("--log-format", choices=["auto", "json", "console"], help="override daemon.log_format")
+
+    demo = sub.add_parser("demo", help="make a demo image, serve it and restore a process from it")
+    demo.add_argument("--size-mib", type=int, default=256, help="demo image size (default 256)")
+    demo.add_argument("--once", action="store_true", help="exit after the demo restore instead of serving on")
+
+    feats = sub.add_parser("features", help="print the userfaultfd features this kernel offers")
+    feats.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        from dataclasses import replace
+
+        from .daemon import serve
+
+        try:
+            cfg = load(args.config)
+            if args.handoff_socket:
+                cfg = replace(cfg, handoff_socket=args.handoff_socket)
+            if args.snapshot_dir:
+                cfg = replace(cfg, snapshot_dirs=tuple(args.snapshot_dir))
+            if args.log_format:
+                cfg = replace(cfg, log_format=args.log_format)
+            cfg.validate()
+        except ConfigError as e:
+            print(f"lazypaged: configuration error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        return serve(cfg)
+    if args.command == "demo":
+        from .demo import run
+
+        return run(args.size_mib, keep_serving=not args.once)
+    if args.command == "features":
+        import json
+
+        from .uffd import UffdError, abi, kernel_features
+
+        try:
+            features, ioctls = kernel_features()
+        except UffdError as e:
+            print(f"lazypaged: cannot create a userfaultfd: {e}", file=sys.stderr)
+            return EXIT_FAIL
+        if args.json:
+            print(json.dumps({"features": abi.feature_names(features), "ioctls": abi.ioctl_names(ioctls)}))
+        else:
+            print("features:", " ".join(abi.feature_names(features)))
+            print("ioctls:  ", " ".join(abi.ioctl_names(ioctls)))
+        return EXIT_OK
+    return EXIT_USAGE  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

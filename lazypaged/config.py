@@ -1,0 +1,134 @@
+"""Daemon configuration: a typed object built from TOML (or directly in tests).
+
+The documented defaults live in ``config/lazypaged.toml``; the values below
+must match it (``tests/test_config.py`` checks).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is unreadable or holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    #: First fault-around window; doubles while faults are sequential.
+    fault_around_min: int = 64 << 10
+    #: Largest fault-around window (one UFFDIO_COPY per fault at most this big).
+    fault_around_max: int = 2 << 20
+    fault_around: bool = True
+    #: Stream every remaining page in the background until the image is in.
+    fill: bool = True
+    #: Bytes per background UFFDIO_COPY; faults are served between chunks.
+    fill_chunk: int = 2 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    handoff_socket: Path = Path("/run/lazypaged/handoff.sock")
+    #: Permissions of the handoff socket (octal in TOML as a string, e.g. "0660").
+    socket_mode: int = 0o660
+    #: Snapshot names in handoff requests resolve inside these directories only.
+    snapshot_dirs: tuple[Path, ...] = (Path("/var/lib/lazypaged/snapshots"),)
+    #: Seconds sessions may keep running after SIGTERM before shutdown acts.
+    shutdown_grace: float = 30.0
+    max_sessions: int = 256
+    max_message_bytes: int = 1 << 20
+    #: Seconds a client has to send its request after connecting.
+    request_timeout: float = 10.0
+    log_format: str = "auto"  # auto | json | console
+    log_level: str = "info"
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+    def validate(self) -> Config:
+        page = os.sysconf("SC_PAGE_SIZE")
+        s = self.session
+        for name in ("fault_around_min", "fault_around_max", "fill_chunk"):
+            v = getattr(s, name)
+            if v < page or v % page:
+                raise ConfigError(f"session.{name} = {v} must be a positive multiple of {page}")
+        if s.fault_around_min > s.fault_around_max:
+            raise ConfigError("session.fault_around_min must not exceed fault_around_max")
+        if self.log_format not in ("auto", "json", "console"):
+            raise ConfigError(f"log_format must be auto, json or console, not {self.log_format!r}")
+        if not self.snapshot_dirs:
+            raise ConfigError("snapshot_dirs must name at least one directory")
+        if self.max_sessions < 1 or self.max_message_bytes < 1024:
+            raise ConfigError("max_sessions must be ≥ 1 and max_message_bytes ≥ 1024")
+        return self
+
+
+def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
+    where = f"{section}{key}" if section else key
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if isinstance(default, Path):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a path string")
+        return Path(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of paths")
+        return tuple(Path(v) for v in value)
+    if key == "socket_mode":
+        try:
+            return int(value, 8) if isinstance(value, str) else int(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be an octal string such as \"0660\"") from None
+    if isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be an integer")
+        return value
+    if isinstance(default, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string")
+    return value
+
+
+def _apply(obj: Any, table: dict[str, Any], section: str) -> Any:
+    known = {f.name: f for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in known or key == "session":
+            raise ConfigError(f"unknown setting {section}{key}")
+        changes[key] = _coerce(section, key, getattr(obj, key), value)
+    return replace(obj, **changes)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    daemon = data.get("daemon", {})
+    session = data.get("session", {})
+    unknown = set(data) - {"daemon", "session"}
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if not isinstance(daemon, dict) or not isinstance(session, dict):
+        raise ConfigError("[daemon] and [session] must be tables")
+    cfg = _apply(Config(), daemon, "daemon.")
+    cfg = replace(cfg, session=_apply(SessionConfig(), session, "session."))
+    return cfg.validate()
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read a TOML file; None gives the built-in defaults."""
+    if path is None:
+        return Config().validate()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return from_dict(data)

@@ -1,0 +1,59 @@
+"""The page-source interface a restore session needs.
+
+A source is a read-only byte space of ``size`` bytes. The session asks it for
+``extents``: runs that are either zero (install with UFFDIO_ZEROPAGE) or data
+at an address in the daemon's memory (the ``src`` of UFFDIO_COPY). Local
+sources answer synchronously; sources that must wait (network, decompression
+in a pool) set ``synchronous = False`` and implement :meth:`fetch`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+class SourceError(Exception):
+    """The source cannot deliver the bytes asked for (I/O, corruption, bounds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """``length`` bytes at source ``offset``: zeros if ``address`` is 0.
+
+    ``owner`` keeps the memory behind ``address`` alive while the extent is in
+    use (a decompressed buffer, a received frame); an mmap-backed source
+    leaves it None.
+    """
+
+    offset: int
+    length: int
+    address: int
+    owner: object = None
+
+
+class PageSource(ABC):
+    """A snapshot's bytes, addressed by offset."""
+
+    #: Human name for logs and status (e.g. the snapshot's relative path).
+    name: str
+    size: int
+    synchronous: bool = True
+
+    @abstractmethod
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Cover [offset, offset+length) with extents, in order, synchronously."""
+
+    async def fetch(self, offset: int, length: int) -> list[Extent]:
+        """Like :meth:`extents`, for sources that must wait."""
+        return self.extents(offset, length)
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise SourceError(
+                f"{self.name}: range {offset:#x}+{length:#x} outside source of {self.size:#x} bytes"
+            )
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the source (mappings, files, connections)."""

@@ -1,0 +1,143 @@
+"""Raw memory image: a flat file whose byte N is the memory at offset N.
+
+Served zero-copy: the file is mapped read-only with libc ``mmap`` (a Python
+``mmap.mmap`` cannot give a raw address for a read-only mapping) and the
+address of the wanted bytes goes straight into UFFDIO_COPY, so the kernel
+copies from the page cache into the target with no read() and no copy in
+Python.
+
+Zero pages: holes of sparse files are found once with SEEK_DATA/SEEK_HOLE;
+an extent whose data is all zero (checked with one ``memcmp``, which returns
+at the first non-zero byte of real data) is also served as zeros.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import errno
+import mmap
+import os
+
+from .base import Extent, PageSource, SourceError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_memcmp = _libc.memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+PAGE_SIZE = mmap.PAGESIZE
+#: Largest extent compared against zeros in one memcmp (the zero buffer's size).
+ZERO_CHECK_MAX = 4 << 20
+
+
+def _map(fd: int, length: int, prot: int, flags: int) -> int:
+    addr = _mmap(None, length, prot, flags, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap: {os.strerror(err)}")
+    return int(addr)
+
+
+# A lazily-populated anonymous mapping of zeros to compare data against:
+# reading it maps the shared zero page, so it costs no memory.
+_zero_addr = 0
+
+
+def _zeros_address() -> int:
+    global _zero_addr
+    if not _zero_addr:
+        _zero_addr = _map(-1, ZERO_CHECK_MAX, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return _zero_addr
+
+
+def is_zero(address: int, length: int) -> bool:
+    """True if ``length`` bytes at ``address`` are all zero (``length`` ≤ 4 MiB)."""
+    return _memcmp(address, _zeros_address(), length) == 0
+
+
+def find_holes(fd: int, size: int) -> list[tuple[int, int]]:
+    """Page-aligned [start, end) holes of a sparse file, via SEEK_DATA/SEEK_HOLE."""
+    holes: list[tuple[int, int]] = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past pos: the rest is a hole
+                data = size
+            elif e.errno == errno.EINVAL:  # filesystem without SEEK_DATA
+                return []
+            else:
+                raise
+        start = -(-pos // PAGE_SIZE) * PAGE_SIZE
+        end = min(data, size) // PAGE_SIZE * PAGE_SIZE
+        if end > start:
+            holes.append((start, end))
+        if data >= size:
+            break
+        pos = os.lseek(fd, data, os.SEEK_HOLE)
+    return holes
+
+
+class RawImageSource(PageSource):
+    """A flat memory file served from an mmap, zero pages from holes/zero data."""
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.name = name or self.path
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            self.size = st.st_size
+            if self.size % PAGE_SIZE:
+                raise SourceError(f"{self.name}: size {self.size} is not a multiple of {PAGE_SIZE}")
+            self._ino = (st.st_dev, st.st_ino)
+            holes = find_holes(fd, self.size)
+            self._base = _map(fd, self.size, mmap.PROT_READ, mmap.MAP_SHARED) if self.size else 0
+        finally:
+            os.close(fd)
+        self._hole_starts = [h[0] for h in holes]
+        self._hole_ends = [h[1] for h in holes]
+
+    @property
+    def base_address(self) -> int:
+        return self._base
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        self.check_range(offset, length)
+        if self._base == 0:
+            raise SourceError(f"{self.name}: source is closed")
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            # Is pos inside a hole? Holes are sorted and disjoint.
+            i = bisect.bisect_right(self._hole_starts, pos) - 1
+            if i >= 0 and pos < self._hole_ends[i]:
+                stop = min(end, self._hole_ends[i])
+                out.append(Extent(pos, stop - pos, 0))
+            else:
+                nxt = self._hole_starts[i + 1] if i + 1 < len(self._hole_starts) else end
+                stop = min(end, nxt)
+                self._data_extents(pos, stop, out)
+            pos = stop
+        return out
+
+    def _data_extents(self, start: int, end: int, out: list[Extent]) -> None:
+        pos = start
+        while pos < end:
+            stop = min(end, pos + ZERO_CHECK_MAX)
+            addr = self._base + pos
+            out.append(Extent(pos, stop - pos, 0 if is_zero(addr, stop - pos) else addr))
+            pos = stop
+
+    def close(self) -> None:
+        base, self._base = self._base, 0
+        if base:
+            _munmap(base, self.size)

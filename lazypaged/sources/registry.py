@@ -1,0 +1,78 @@
+"""Resolving snapshot names from handoff requests to open sources.
+
+Clients name snapshots relative to the configured snapshot directories. A
+name is resolved with every symlink followed and must land inside one of
+those directories: absolute paths, ``..`` and links that point outside are
+refused, so a client can only ever read what the operator put there.
+Opened sources are shared between sessions and closed with their last user.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import PageSource, SourceError
+from .raw import RawImageSource
+
+
+class UnknownSource(SourceError):
+    """No snapshot of that name in any snapshot directory."""
+
+
+class ForbiddenSource(SourceError):
+    """The name points outside the snapshot directories."""
+
+
+class SourceRegistry:
+    def __init__(self, snapshot_dirs: tuple[Path, ...]) -> None:
+        self._dirs = [Path(os.path.realpath(d)) for d in snapshot_dirs]
+        self._open: dict[tuple[int, int], tuple[PageSource, int]] = {}
+
+    def resolve(self, name: str) -> Path:
+        """The real path of snapshot ``name``, or raise."""
+        if not name or "\0" in name:
+            raise ForbiddenSource(f"invalid snapshot name {name!r}")
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise ForbiddenSource(f"snapshot name {name!r} must be relative to a snapshot directory, without '..'")
+        for d in self._dirs:
+            real = Path(os.path.realpath(d / name))
+            if not real.is_relative_to(d):
+                raise ForbiddenSource(f"snapshot {name!r} resolves outside the snapshot directory {d}")
+            if real.is_file():
+                return real
+        raise UnknownSource(f"no snapshot named {name!r} in {', '.join(map(str, self._dirs))}")
+
+    def acquire(self, name: str) -> PageSource:
+        path = self.resolve(name)
+        st = path.stat()
+        key = (st.st_dev, st.st_ino)
+        if key in self._open:
+            src, refs = self._open[key]
+            self._open[key] = (src, refs + 1)
+            return src
+        try:
+            src = RawImageSource(path, name=name)
+        except OSError as e:
+            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
+        self._open[key] = (src, 1)
+        return src
+
+    def release(self, src: PageSource) -> None:
+        for key, (s, refs) in list(self._open.items()):
+            if s is src:
+                if refs <= 1:
+                    del self._open[key]
+                    s.close()
+                else:
+                    self._open[key] = (s, refs - 1)
+                return
+
+    @property
+    def open_sources(self) -> list[PageSource]:
+        return [s for s, _ in self._open.values()]
+
+    def close(self) -> None:
+        for s, _ in self._open.values():
+            s.close()
+        self._open.clear()
