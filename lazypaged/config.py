@@ -83,7 +83,7 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
         try:
             return int(value, 8) if isinstance(value, str) else int(value)
         except ValueError:
-            raise ConfigError(f"{where} must be an octal string such as \"0660\"") from None
+            raise ConfigError(f'{where} must be an octal string such as "0660"') from None
     if isinstance(default, int):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where} must be an integer")
@@ -117,7 +117,8 @@ def from_dict(data: dict[str, Any]) -> Config:
         raise ConfigError("[daemon] and [session] must be tables")
     cfg = _apply(Config(), daemon, "daemon.")
     cfg = replace(cfg, session=_apply(SessionConfig(), session, "session."))
-    return cfg.validate()
+    validated: Config = cfg.validate()
+    return validated
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

@@ -104,10 +104,10 @@ class Daemon:
         await self.handoff.close_connections()
         self.log.info("stopped", finished_sessions=self.sessions.finished)
 
-    async def _wait_change(self, timeout: float) -> None:
+    async def _wait_change(self, seconds: float) -> None:
         waits = [asyncio.ensure_future(self.sessions.wait_changed()), asyncio.ensure_future(self._force.wait())]
         try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()

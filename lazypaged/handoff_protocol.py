@@ -144,15 +144,15 @@ Message = RestoreRequest | Accepted | Error | Complete | Failed
 
 def _to_map(msg: Message) -> dict[str, Any]:
     if isinstance(msg, RestoreRequest):
-        opts = {k: v for k, v in (("fault_around", msg.options.fault_around), ("fill", msg.options.fill)) if v is not None}
+        o = msg.options
+        opts = {k: v for k, v in (("fault_around", o.fault_around), ("fill", o.fill)) if v is not None}
         body: dict[str, Any] = {
             "type": "restore",
             "registered": msg.registered,
             "features": msg.features,
             "keeps_uffd": msg.keeps_uffd,
             "ranges": [
-                {"start": r.start, "length": r.length, "source": r.source, "offset": r.offset}
-                for r in msg.ranges
+                {"start": r.start, "length": r.length, "source": r.source, "offset": r.offset} for r in msg.ranges
             ],
         }
         if msg.pid is not None:
@@ -217,9 +217,7 @@ def _from_map(m: dict[str, Any]) -> Message:
         if kind == "restore":
             raw_ranges = _get(m, "ranges", list)
             if len(raw_ranges) > MAX_RANGES:
-                raise RemoteProtocolError(
-                    f"too many ranges ({len(raw_ranges)} > {MAX_RANGES})", "too_many_ranges"
-                )
+                raise RemoteProtocolError(f"too many ranges ({len(raw_ranges)} > {MAX_RANGES})", "too_many_ranges")
             ranges = []
             for i, r in enumerate(raw_ranges):
                 if not isinstance(r, dict):

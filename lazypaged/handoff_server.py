@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import uuid
@@ -180,8 +181,10 @@ class HandoffServer:
         ranges = sorted(req.ranges, key=lambda r: r.start)
         for r in ranges:
             if r.start % PAGE or r.length % PAGE or r.offset % PAGE:
-                raise Refused("bad_range", f"range {r.start:#x}+{r.length:#x} (offset {r.offset:#x}) is not page-aligned")
-        for a, b in zip(ranges, ranges[1:], strict=False):
+                raise Refused(
+                    "bad_range", f"range {r.start:#x}+{r.length:#x} (offset {r.offset:#x}) is not page-aligned"
+                )
+        for a, b in itertools.pairwise(ranges):
             if b.start < a.end:
                 raise Refused("overlap", f"ranges {a.start:#x}+{a.length:#x} and {b.start:#x}+{b.length:#x} overlap")
         regions: list[Region] = []
@@ -233,9 +236,12 @@ class HandoffServer:
         def ended(s: RestoreSession) -> None:
             for src in acquired:
                 self.registry.release(src)
-            s.log.info("session_ended", outcome=s.state, code=s.outcome.code if s.outcome else "", **{
-                k: v for k, v in s.summary().items() if k not in ("session", "kind", "pid", "state")
-            })
+            s.log.info(
+                "session_ended",
+                outcome=s.state,
+                code=s.outcome.code if s.outcome else "",
+                **{k: v for k, v in s.summary().items() if k not in ("session", "kind", "pid", "state")},
+            )
 
         session.on_end = ended
         self.sessions.add(session)

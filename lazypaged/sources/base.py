@@ -50,9 +50,7 @@ class PageSource(ABC):
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise SourceError(
-                f"{self.name}: range {offset:#x}+{length:#x} outside source of {self.size:#x} bytes"
-            )
+            raise SourceError(f"{self.name}: range {offset:#x}+{length:#x} outside source of {self.size:#x} bytes")
 
     @abstractmethod
     def close(self) -> None:

@@ -59,7 +59,7 @@ def _zeros_address() -> int:
 
 def is_zero(address: int, length: int) -> bool:
     """True if ``length`` bytes at ``address`` are all zero (``length`` ≤ 4 MiB)."""
-    return _memcmp(address, _zeros_address(), length) == 0
+    return bool(_memcmp(address, _zeros_address(), length) == 0)
 
 
 def find_holes(fd: int, size: int) -> list[tuple[int, int]]:

@@ -1,0 +1,127 @@
+"""A restore target: maps memory, hands it to lazypaged, touches it, checks it.
+
+Run as a separate process by the tests. Prints one JSON line and exits 0 if
+every byte matched the image, 3 on wrong bytes, 2 if the handoff failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import time
+
+from lazypaged.client import HandoffError, map_anonymous, restore
+from lazypaged.handoff_protocol import SessionOptions
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--image", required=True, help="path of the image, to check bytes against")
+    ap.add_argument("--name", required=True, help="snapshot name as the daemon knows it")
+    ap.add_argument("--size", type=int, required=True)
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--split", type=int, default=1, help="hand over as N ranges backed in reverse order")
+    ap.add_argument("--touch", default="seq", choices=["seq", "random", "threads", "write", "syscall", "hold", "none"])
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--no-fill", action="store_true")
+    ap.add_argument("--no-fault-around", action="store_true")
+    ap.add_argument("--wait", action="store_true", help="wait for the completion message")
+    args = ap.parse_args()
+
+    size = args.size
+    mem, addr = map_anonymous(size)
+    part = size // args.split
+    # Range i of the target is backed by part (split-1-i) of the image slice.
+    backing = [args.offset + (args.split - 1 - i) * part for i in range(args.split)]
+    ranges = [(addr + i * part, part, args.name, backing[i]) for i in range(args.split)]
+    opts = SessionOptions(fill=False if args.no_fill else None, fault_around=False if args.no_fault_around else None)
+    try:
+        h = restore(args.socket, ranges, options=opts)
+    except HandoffError as e:
+        print(json.dumps({"ok": False, "handoff_error": e.code, "message": e.message}), flush=True)
+        return 2
+    print(json.dumps({"accepted": h.session, "pid": os.getpid()}), flush=True)
+
+    with open(args.image, "rb") as f:
+        image = bytearray()
+        for off in backing:
+            f.seek(off)
+            image += f.read(part)
+    expected = bytes(image)
+    view = memoryview(mem)
+    npages = size // PAGE
+    t0 = time.perf_counter()
+    written: dict[int, int] = {}
+    if args.touch == "hold":
+        time.sleep(3600)
+    elif args.touch == "seq":
+        for p in range(npages):
+            _ = mem[p * PAGE]
+    elif args.touch == "random":
+        order = list(range(npages))
+        random.Random(1).shuffle(order)
+        for p in order:
+            _ = mem[p * PAGE + 123]
+    elif args.touch == "threads":
+
+        def reader(k: int) -> None:
+            order = list(range(npages))
+            random.Random(k).shuffle(order)
+            for p in order:
+                _ = mem[p * PAGE + k]
+
+        ts = [threading.Thread(target=reader, args=(k,)) for k in range(args.threads)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    elif args.touch == "write":
+        # Writes first: every 3rd page gets a marker byte before anything reads it.
+        for p in range(0, npages, 3):
+            off = p * PAGE + 7
+            mem[off] = (p * 31 + 1) & 0xFF
+            written[off] = mem[off]
+    elif args.touch == "syscall":
+        # The kernel reads the lazy memory on our behalf (copy_from_user).
+        with tempfile.TemporaryFile() as tf:
+            chunk = 1 << 20
+            for off in range(0, size, chunk):
+                os.write(tf.fileno(), view[off : off + chunk])
+            tf.seek(0)
+            got = tf.read()
+        if got != expected:
+            print(json.dumps({"ok": False, "where": "syscall", "first_bad": _first_bad(got, expected)}))
+            return 3
+    touched = time.perf_counter() - t0
+
+    want = bytearray(expected)
+    for off, v in written.items():
+        want[off] = v
+    ok = mem[:] == bytes(want)
+    result: dict[str, object] = {"ok": ok, "touch_s": round(touched, 4)}
+    if not ok:
+        result["first_bad"] = _first_bad(mem[:], bytes(want))
+    if args.wait:
+        done = h.wait(timeout=60)
+        result["complete"] = {"pages": done.pages, "faults": done.faults, "zero": done.bytes_zero}
+    print(json.dumps(result), flush=True)
+    return 0 if ok else 3
+
+
+def _first_bad(got: bytes, want: bytes) -> int:
+    for i in range(0, len(want), PAGE):
+        if got[i : i + PAGE] != want[i : i + PAGE]:
+            return i
+    return -1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
