@@ -40,8 +40,8 @@ from .sources.registry import SourceRegistry
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.sessions = SessionTable()
         self.registry = SourceRegistry(cfg.snapshot_dirs)
+        self.sessions = SessionTable(self.registry)
         self.handoff = HandoffServer(cfg, self.registry, self.sessions)
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()

@@ -20,7 +20,7 @@ import structlog
 from . import handoff_protocol as hp
 from . import uffd as _uffd
 from .config import Config
-from .session import PAGE, Region, RestoreSession
+from .session import PAGE, Mapping, Region, RestoreSession
 from .sessions import SessionTable
 from .sources import SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
@@ -187,7 +187,7 @@ class HandoffServer:
         for a, b in itertools.pairwise(ranges):
             if b.start < a.end:
                 raise Refused("overlap", f"ranges {a.start:#x}+{a.length:#x} and {b.start:#x}+{b.length:#x} overlap")
-        regions: list[Region] = []
+        mappings: list[Mapping] = []
         acquired = []
         try:
             for r in ranges:
@@ -206,7 +206,7 @@ class HandoffServer:
                         f"range {r.start:#x}+{r.length:#x} at offset {r.offset:#x} runs past the end of "
                         f"{r.source!r} ({src.size} bytes)",
                     )
-                regions.append(Region(r.start, r.length, src, r.offset))
+                mappings.append(Mapping(r.start, r.end, Region(src, r.offset, r.length // PAGE), 0))
             uffd = _uffd.Userfaultfd(fd, req.features)
             if not req.registered:
                 _register_all(uffd, ranges)
@@ -222,7 +222,7 @@ class HandoffServer:
         session = RestoreSession(
             sid,
             uffd,
-            regions,
+            mappings,
             self.cfg.session,
             kind="native",
             pid=pid,
@@ -230,6 +230,7 @@ class HandoffServer:
             fault_around=req.options.fault_around,
             fill=req.options.fill,
             log=structlog.get_logger().bind(session=sid, kind="native", pid=pid),
+            host=self.sessions,
         )
         session.keeps_uffd = req.keeps_uffd
 

@@ -1,65 +1,113 @@
-"""One restore session: a uffd, the regions it serves, and how it serves them.
+"""One restore session: a uffd, the memory it serves, and how it serves it.
 
 A session owns a received userfaultfd. Faults are read in batches on the
-event loop and served synchronously from the source (for local sources an
-mmap address goes straight into UFFDIO_COPY); a fill task streams every
-remaining page in chunks, reading the uffd before each chunk so faults
-always go first. When nothing is missing the ranges are unregistered, the
-uffd closed and the restorer told.
+event loop and served from the source (for a local file an mmap address goes
+straight into UFFDIO_COPY); a fill task streams every remaining page, reading
+the uffd before each chunk so faults always go first. When nothing is
+missing the ranges are unregistered, the uffd closed and the restorer told.
 
-Page states live in one ``bytearray`` per region: 0 = missing (to be served
-from the source), 1 = settled (installed, removed by the target, or gone).
-Pages the target dropped with MADV_DONTNEED are settled but remembered in
-``Region.removed``: touching them again must give zeros, never snapshot data.
+Two tables describe the memory:
 
-Fault-around: a fault installs a window starting at the faulting page. The
-window starts at ``fault_around_min`` and doubles (up to ``fault_around_max``)
-while each fault lands right after the previous window, and the fill
-continues from where the last fault's window ended, so a sequential reader
-finds the pages ahead of it already in.
+* a ``Region`` is a stretch of the *image*: a source, an offset in it, a page
+  size, and one state byte per page (``MISSING``, ``INFLIGHT`` while an
+  asynchronous fetch is out, ``SETTLED`` once installed, dropped or gone);
+* a ``Mapping`` places part of a region at an address of the target.
+
+Faults are looked up by address in the mappings, installs compute the
+destination from them on every step, and fill walks the regions. An
+``mremap`` of the target therefore only moves mappings (the image address of
+a page never changes, as in CRIU's handling), and anything that changes the
+layout mid-install is picked up by the next step.
+
+Theory of operation for address-space events (negotiated by the restorer):
+
+* The kernel queues REMOVE/UNMAP/REMAP/FORK and holds the thread that caused
+  them until the event is read. From queueing until the read, every range
+  ioctl on the uffd fails with EAGAIN (``Busy``): a copy can never race an
+  mm change. On ``Busy`` the session reads the queue, applies the events in
+  the order read, and retries from the new state.
+* One read returns pending faults before pending events; a fault read before
+  a REMAP may carry an address from before the move. After applying a REMAP
+  the session wakes both the old and the new range, so a thread still
+  waiting re-faults with an address in the new layout.
+* REMOVE (``madvise(MADV_DONTNEED/REMOVE)``) is sent before the pages are
+  dropped. Those pages become settled and remembered as *removed*: a later
+  touch gets a zero page, the fill never installs snapshot data there.
+* FORK hands us a new uffd for the child, whose memory is the parent's at
+  that instant: installed pages are there, missing ones must still be
+  served. The child gets its own session over copies of the page states.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import mmap
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
 from . import uffd as _uffd
 from .config import SessionConfig
-from .sources import PageSource, SourceError
+from .sources import Extent, PageSource, SourceError
+from .sources.raw import ZERO_CHECK_MAX, zeros_address
 from .uffd import abi
 
 PAGE = mmap.PAGESIZE
-SHIFT = PAGE.bit_length() - 1
+MISSING, SETTLED, INFLIGHT = 0, 1, 2
 _MSG = abi.UFFD_MSG_STRUCT
+_MSG_SIZE = abi.UFFD_MSG_SIZE
 _FAULT = abi.UFFD_EVENT_PAGEFAULT
-_READ_BYTES = 64 * abi.UFFD_MSG_SIZE
-_ONES = b"\x01" * (64 << 20 >> SHIFT)  # enough to mark 64 MiB in one slice
+_READ_BYTES = 64 * _MSG_SIZE
+_ONES = b"\x01" * (64 << 20 >> 12)  # marks up to 64 MiB of 4 KiB pages in one slice
+_INFLIGHT_TO_MISSING = bytes.maketrans(b"\x02", b"\x00")
+#: Asynchronous fetches the fill keeps in flight per session.
+FILL_INFLIGHT = 4
 
 
 class Region:
-    """Target [start, start+length) backed by ``source`` at ``offset``."""
+    """A stretch of the image: ``npages`` pages of ``source`` from ``offset``."""
 
-    __slots__ = ("bitmap", "end", "length", "npages", "offset", "removed", "source", "start")
+    __slots__ = ("bitmap", "name", "npages", "offset", "page", "removed", "shift", "source", "zeropage")
 
-    def __init__(self, start: int, length: int, source: PageSource, offset: int) -> None:
-        self.start = start
-        self.length = length
-        self.end = start + length
+    def __init__(self, source: PageSource, offset: int, npages: int, page: int = PAGE, name: str = "") -> None:
         self.source = source
         self.offset = offset
-        self.npages = length >> SHIFT
-        self.bitmap = bytearray(self.npages)
+        self.page = page
+        self.shift = page.bit_length() - 1
+        self.npages = npages
+        self.bitmap = bytearray(npages)
+        self.name = name or source.name
+        #: UFFDIO_ZEROPAGE works here (not on hugetlb: zeros are copied there).
+        self.zeropage = page == PAGE
         #: Page-index runs [a, b) the target dropped and must read as zeros.
         self.removed: list[tuple[int, int]] = []
+
+    def clone_for_fork(self) -> Region:
+        r = Region(self.source, self.offset, self.npages, self.page, self.name)
+        r.zeropage = self.zeropage
+        r.bitmap = bytearray(self.bitmap.translate(_INFLIGHT_TO_MISSING))
+        r.removed = list(self.removed)
+        return r
+
+
+class Mapping:
+    """Pages [first, first + (end-start)/page) of ``region`` at [start, end)."""
+
+    __slots__ = ("end", "first", "region", "start")
+
+    def __init__(self, start: int, end: int, region: Region, first: int) -> None:
+        self.start, self.end, self.region, self.first = start, end, region, first
+
+    @property
+    def last(self) -> int:
+        """One past the last page index of the region this mapping shows."""
+        return self.first + ((self.end - self.start) >> self.region.shift)
 
 
 @dataclass
@@ -110,12 +158,19 @@ class SessionFailed(Exception):
         self.code = code
 
 
+class SessionHost(Protocol):
+    """What a session needs from whoever runs it (the daemon's session table)."""
+
+    def adopt(self, child: RestoreSession) -> None:
+        """Run a session created by a fork of this session's target."""
+
+
 class RestoreSession:
     def __init__(
         self,
         sid: str,
         uffd: _uffd.Userfaultfd,
-        regions: list[Region],
+        mappings: list[Mapping],
         cfg: SessionConfig,
         *,
         kind: str = "native",
@@ -124,30 +179,39 @@ class RestoreSession:
         fault_around: bool | None = None,
         fill: bool | None = None,
         log: Any = None,
+        host: SessionHost | None = None,
     ) -> None:
         self.id = sid
         self.kind = kind
         self.pid = pid
         self.uffd = uffd
-        self.regions = sorted(regions, key=lambda r: r.start)
-        self._starts = [r.start for r in self.regions]
+        self.mappings = sorted(mappings, key=lambda m: m.start)
+        self._starts = [m.start for m in self.mappings]
+        self.regions: list[Region] = []
+        for m in self.mappings:
+            if all(m.region is not r for r in self.regions):
+                self.regions.append(m.region)
+        self._region_index = {id(r): k for k, r in enumerate(self.regions)}
+        self._by_region: dict[int, list[Mapping]] = {}
+        self._index_mappings()
         self.cfg = cfg
         self.log = log or structlog.get_logger().bind(session=sid, kind=kind, pid=pid)
+        self.host = host
         self.stats = SessionStats()
-        self.stats.pages_total = self.stats.pages_missing = sum(r.npages for r in self.regions)
+        self.stats.pages_total = sum(r.npages for r in self.regions)
+        self.stats.pages_missing = sum(r.bitmap.count(MISSING) + r.bitmap.count(INFLIGHT) for r in self.regions)
         self.state = "running"
         self.outcome: Outcome | None = None
+        self.children = 0
         self._pidfd = pidfd
         self._fault_around = cfg.fault_around if fault_around is None else fault_around
         self._fill_enabled = cfg.fill if fill is None else fill
-        self._wmin = cfg.fault_around_min >> SHIFT
-        self._wmax = cfg.fault_around_max >> SHIFT
-        self._window = self._wmin
+        self._window = 0  # current fault-around window, bytes
         self._seq_next = -1
         self._fill_region = 0
         self._fill_page = 0
         self._done: asyncio.Future[Outcome] | None = None
-        self._fill_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._readers: list[int] = []
         #: Called once when the session ends (any outcome).
@@ -158,6 +222,15 @@ class RestoreSession:
         #: The restorer keeps its own copy of the uffd, so closing ours cannot
         #: make the kernel zero-fill the target (see uffd/fd.py).
         self.keeps_uffd = False
+
+    @classmethod
+    def simple(
+        cls, sid: str, uffd: _uffd.Userfaultfd, cfg: SessionConfig, ranges: list[tuple[int, int, PageSource, int]],
+        **kw: Any,
+    ) -> RestoreSession:
+        """A session over (address, length, source, offset) ranges of base pages."""
+        maps = [Mapping(a, a + n, Region(src, off, n // PAGE), 0) for a, n, src, off in ranges]
+        return cls(sid, uffd, maps, cfg, **kw)
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -170,16 +243,43 @@ class RestoreSession:
         if self._pidfd is not None:
             loop.add_reader(self._pidfd, self._on_target_exit)
             self._readers.append(self._pidfd)
+        self._on_readable()  # faults that arrived before we listened
         self._check_complete()
-        if self._fill_enabled and not self._done.done():
-            self._fill_task = loop.create_task(self._fill(), name=f"fill-{self.id}")
+        if self._fill_enabled and self.outcome is None:
+            self._spawn(self._fill())
         try:
             return await asyncio.shield(self._done)
         finally:
-            if self._fill_task is not None and not self._fill_task.done():
-                self._fill_task.cancel()
+            for t in list(self._tasks):
+                t.cancel()
+            for t in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError):
-                    await self._fill_task
+                    await t
+
+    def _spawn(self, coro: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._handle_error(exc)
+
+    def _handle_error(self, exc: BaseException) -> None:
+        if isinstance(exc, _uffd.TargetGone):
+            self._finish(Outcome("target_exited", "target_exited", "the target's address space is gone"))
+        elif isinstance(exc, SourceError):
+            self._fail("source_error", str(exc))
+        elif isinstance(exc, SessionFailed):
+            self._fail(exc.code, str(exc))
+        else:  # a bug: fail this session, keep the daemon serving
+            self.log.error("session_bug", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+            self._fail("internal_error", f"{type(exc).__name__}: {exc}")
 
     def _finish(self, outcome: Outcome) -> None:
         if self.outcome is not None:
@@ -187,14 +287,15 @@ class RestoreSession:
         self.outcome = outcome
         self.state = outcome.state
         self.stats.ended = time.monotonic()
-        loop = self._loop
         if outcome.state == "failed":
             # Keep the uffd open: closing it would let the kernel zero-fill
             # the target's missing pages. Only the pidfd watch stays, so the
             # fd is released once the target is gone.
-            if loop is not None:
-                with contextlib.suppress(ValueError, OSError):
-                    loop.remove_reader(self.uffd.fileno())
+            if self._loop is not None and not self.uffd.closed:
+                fd = self.uffd.fileno()
+                if fd in self._readers:
+                    self._loop.remove_reader(fd)
+                    self._readers.remove(fd)
         else:
             self._release()
         if self._done is not None and not self._done.done():
@@ -203,17 +304,18 @@ class RestoreSession:
             self.on_end(self)
 
     def _release(self) -> None:
-        loop = self._loop
+        if self.uffd.closed:
+            return
         for fd in self._readers:
-            if loop is not None:
-                loop.remove_reader(fd)
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
         self._readers.clear()
         if self.outcome is not None and self.outcome.state == "complete":
-            for r in self.regions:
+            for m in self.mappings:
                 try:
-                    self.uffd.unregister(r.start, r.length)
+                    self.uffd.unregister(m.start, m.end - m.start)
                 except _uffd.UffdError as e:
-                    self.log.debug("unregister_failed", start=hex(r.start), error=str(e))
+                    self.log.debug("unregister_failed", start=hex(m.start), error=str(e))
         self.uffd.close()
         if self._pidfd is not None:
             os.close(self._pidfd)
@@ -224,25 +326,25 @@ class RestoreSession:
     def _on_target_exit(self) -> None:
         if self.outcome is None:
             self._finish(Outcome("target_exited", "target_exited", "the target process exited"))
-        elif self.outcome.state == "failed" and not self.uffd.closed:
+        else:
             self._release()
 
     def abandon(self) -> None:
         """Stop serving and close the uffd (shutdown: only when that is safe)."""
         if self.outcome is None:
             self._finish(Outcome("failed", "shutdown", "the daemon shut down before the restore completed"))
-        if not self.uffd.closed:
-            self._release()
+        self._release()
 
     def _fail(self, code: str, message: str) -> None:
-        self.log.error("session_failed", code=code, error=message)
+        if self.outcome is None:
+            self.log.error("session_failed", code=code, error=message)
         self._finish(Outcome("failed", code, message))
 
     def _check_complete(self) -> None:
         if self.stats.pages_missing == 0 and self.outcome is None:
             self._finish(Outcome("complete"))
 
-    # -- faults -----------------------------------------------------------------
+    # -- reading the uffd -----------------------------------------------------------
     def _on_readable(self) -> None:
         if self.outcome is not None:
             return
@@ -253,43 +355,43 @@ class RestoreSession:
         except OSError as e:
             self._fail("uffd_read", f"reading the userfaultfd failed: {e}")
             return
-        self._handle(data)
+        try:
+            self._handle(data)
+            self._check_complete()
+        except Exception as e:
+            self._handle_error(e)
 
     def _handle(self, data: bytes) -> None:
-        try:
-            if len(data) % abi.UFFD_MSG_SIZE:
-                raise SessionFailed("uffd_read", f"short uffd read of {len(data)} bytes")
-            for code, _a, _b, _c, flags, address, _tid in _MSG.iter_unpack(data):
-                if code == _FAULT:
-                    self._fault(address)
-                else:
-                    self._event(_uffd.decode(_MSG.pack(code, _a, _b, _c, flags, address, _tid))[0])
-                if self.outcome is not None:
-                    return
-            self._check_complete()
-        except _uffd.TargetGone:
-            self._finish(Outcome("target_exited", "target_exited", "the target's address space is gone"))
-        except SourceError as e:
-            self._fail("source_error", str(e))
-        except SessionFailed as e:
-            self._fail(e.code, str(e))
-        except Exception as e:  # a bug: fail this session, keep the daemon serving
-            self.log.exception("session_bug")
-            self._fail("internal_error", f"{type(e).__name__}: {e}")
-
-    def _region_index(self, addr: int) -> int:
-        starts = self._starts
-        lo, hi = 0, len(starts)
-        while lo < hi:  # bisect_right, inlined for the common 1-region case
-            mid = (lo + hi) >> 1
-            if starts[mid] <= addr:
-                lo = mid + 1
+        if len(data) % _MSG_SIZE:
+            raise SessionFailed("uffd_read", f"short uffd read of {len(data)} bytes")
+        faults: list[int] = []
+        for k, (code, _a, _b, _c, _flags, address, _tid) in enumerate(_MSG.iter_unpack(data)):
+            if code == _FAULT:
+                faults.append(address)
             else:
-                hi = mid
-        i = lo - 1
-        if i >= 0 and addr < self.regions[i].end:
-            return i
-        return -1
+                # Faults read before an event came first in the kernel's queue,
+                # but the event is applied first so they are served against the
+                # layout that now exists (see the module docstring).
+                self._event(_uffd.decode(data[k * _MSG_SIZE : (k + 1) * _MSG_SIZE])[0])
+        for address in faults:
+            if self.outcome is not None:
+                return
+            self._fault(address)
+
+    def _pump_events(self) -> None:
+        """Read what the kernel queued; needed before a ``Busy`` ioctl can succeed."""
+        data = self.uffd.read_raw()
+        if data:
+            self._handle(data)
+
+    # -- faults -------------------------------------------------------------------
+    def _mapping_at(self, addr: int) -> Mapping | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            m = self.mappings[i]
+            if addr < m.end:
+                return m
+        return None
 
     def _fault(self, address: int) -> None:
         t0 = time.perf_counter_ns()
@@ -297,57 +399,173 @@ class RestoreSession:
         st.faults += 1
         if st.first_fault_at is None:
             st.first_fault_at = time.monotonic()
-        page = address & ~(PAGE - 1)
-        ri = self._region_index(page)
-        if ri < 0:
-            self._stray_fault(page)
+        m = self._mapping_at(address)
+        if m is None:
+            self._stray_fault(address & ~(PAGE - 1))
             return
-        r = self.regions[ri]
-        i = (page - r.start) >> SHIFT
-        if r.bitmap[i]:
+        r = m.region
+        i = m.first + ((address - m.start) >> r.shift)
+        state = r.bitmap[i]
+        if state == SETTLED:
             if not self._zero_removed(r, i):
-                self.uffd.wake(page, PAGE)  # already served: a late duplicate
-        else:
+                page = m.start + ((i - m.first) << r.shift)
+                self.uffd.wake(page, r.page)  # already served: a late duplicate
+        elif state == MISSING:
+            page_addr = m.start + ((i - m.first) << r.shift)
             if self._fault_around:
-                if page == self._seq_next:
-                    self._window = min(self._window << 1, self._wmax)
+                if page_addr == self._seq_next:
+                    self._window = min(self._window << 1, self.cfg.fault_around_max)
                 else:
-                    self._window = self._wmin
-                j = min(i + self._window, r.npages)
+                    self._window = self.cfg.fault_around_min
+                j = min(i + max(1, self._window >> r.shift), m.last)
             else:
                 j = i + 1
-            k = r.bitmap.find(1, i, j)
+            k = r.bitmap.find(SETTLED, i, j)
             if k != -1:
                 j = k
-            before = st.bytes_copied + st.bytes_zero
-            self._install(r, i, j)
-            st.bytes_fault += st.bytes_copied + st.bytes_zero - before
-            self._seq_next = r.start + (j << SHIFT)
-            self._fill_region, self._fill_page = ri, j
+            self._seq_next = m.start + ((j - m.first) << r.shift)
+            self._fill_region, self._fill_page = self._region_index[id(r)], j
+            if r.source.synchronous:
+                before = st.bytes_copied + st.bytes_zero
+                self._install(r, i, j)
+                st.bytes_fault += st.bytes_copied + st.bytes_zero - before
+            else:
+                r.bitmap[i:j] = b"\x02" * (j - i)
+                self._spawn(self._fetch_install(r, i, j, fault=True))
+        # INFLIGHT: the fetch under way wakes this thread when it lands.
         ns = time.perf_counter_ns() - t0
         st.fault_ns += ns
         st.latency_us_log2[min((ns // 1000).bit_length(), 31)] += 1
 
     def _stray_fault(self, page: int) -> None:
-        """A fault outside every region: memory the restorer registered itself
-        without naming a source. It holds no snapshot data, so it is new
-        memory and reads as zeros, as a fresh anonymous page would."""
-        self.log.warning("fault_outside_regions", address=hex(page))
-        self._put_zero(page, PAGE)
+        """A fault outside every mapping: memory the restorer registered
+        without naming a source (or the grown tail of an mremap). It holds no
+        snapshot data, so it is new memory and reads as zeros, as a fresh
+        anonymous page would."""
+        self.log.debug("fault_outside_regions", address=hex(page))
+        self._put_zero(page, PAGE, zeropage=True)
 
     def _zero_removed(self, r: Region, i: int) -> bool:
         for n, (a, b) in enumerate(r.removed):
             if a <= i < b:
                 del r.removed[n]
-                self._put_zero(r.start + (a << SHIFT), (b - a) << SHIFT)
+                for m in self._mappings_of(r):
+                    lo, hi = max(a, m.first), min(b, m.last)
+                    if lo < hi:
+                        start = m.start + ((lo - m.first) << r.shift)
+                        self._put_zero(start, (hi - lo) << r.shift, zeropage=r.zeropage)
                 return True
         return False
 
-    def _put_zero(self, addr: int, length: int) -> None:
+    def _mappings_of(self, r: Region) -> list[Mapping]:
+        return self._by_region.get(id(r), [])
+
+    def _mapping_for_page(self, r: Region, i: int) -> Mapping | None:
+        for m in self._by_region.get(id(r), ()):
+            if m.first <= i < m.last:
+                return m
+        return None
+
+    def _index_mappings(self) -> None:
+        self._starts = [m.start for m in self.mappings]
+        by: dict[int, list[Mapping]] = {}
+        for m in self.mappings:
+            by.setdefault(id(m.region), []).append(m)
+        self._by_region = by
+
+    # -- installing ------------------------------------------------------------------
+    def _install(self, r: Region, i: int, j: int) -> None:
+        """Install pages [i, j) of ``r`` from its (synchronous) source."""
+        src_off = r.offset + (i << r.shift)
+        self._install_extents(r, r.source.extents(src_off, (j - i) << r.shift), MISSING)
+
+    async def _fetch_install(self, r: Region, i: int, j: int, *, fault: bool) -> None:
+        extents = await r.source.fetch(r.offset + (i << r.shift), (j - i) << r.shift)
+        if self.outcome is not None:
+            return
+        st = self.stats
+        before = st.bytes_copied + st.bytes_zero
+        self._install_extents(r, extents, INFLIGHT)
+        done = st.bytes_copied + st.bytes_zero - before
+        if fault:
+            st.bytes_fault += done
+        else:
+            st.bytes_fill += done
+        self._check_complete()
+
+    def _install_extents(self, r: Region, extents: list[Extent], want: int) -> None:
+        for e in extents:
+            a = (e.offset - r.offset) >> r.shift
+            self._put(r, a, a + (e.length >> r.shift), e.address, want)
+
+    def _put(self, r: Region, a: int, b: int, src: int, want: int) -> None:
+        """Install pages [a, b) of ``r`` that are still in state ``want``.
+
+        ``src`` is the daemon address of page ``a``'s bytes (0: zeros). Each
+        step re-reads page states and mappings, so events applied during a
+        retry (removal, unmap, mremap) are honoured.
+        """
+        bm, st, uffd, shift = r.bitmap, self.stats, self.uffd, r.shift
+        pos = a
+        while pos < b:
+            if bm[pos] != want:
+                pos += 1
+                while pos < b and bm[pos] != want:
+                    pos += 1
+                continue
+            m = self._mapping_for_page(r, pos)
+            if m is None:  # no longer mapped anywhere: nothing to serve
+                bm[pos] = SETTLED
+                st.pages_missing -= 1
+                pos += 1
+                continue
+            end = min(b, m.last)
+            for other in (MISSING, SETTLED, INFLIGHT):
+                if other != want:
+                    k = bm.find(other, pos, end)
+                    if k != -1:
+                        end = k
+            dst = m.start + ((pos - m.first) << shift)
+            n = (end - pos) << shift
+            try:
+                if src:
+                    done = uffd.copy(dst, src + ((pos - a) << shift), n)
+                    st.bytes_copied += done
+                elif r.zeropage:
+                    done = uffd.zeropage(dst, n)
+                    st.bytes_zero += done
+                else:
+                    done = self._copy_zeros(dst, n)
+            except _uffd.AlreadyPresent:
+                done = r.page  # installed by someone else (a fork sibling, the restorer)
+            except _uffd.Busy:
+                self._pump_events()
+                continue
+            except _uffd.RangeGone:
+                done = n  # the mapping went away under us
+            cnt = done >> shift
+            if cnt == 0:
+                raise SessionFailed("uffd_copy", f"the kernel installed {done} bytes, less than one page")
+            bm[pos : pos + cnt] = _ONES[:cnt] if cnt <= len(_ONES) else b"\x01" * cnt
+            st.pages_missing -= cnt
+            pos += cnt
+
+    def _copy_zeros(self, dst: int, n: int) -> int:
+        """Zeros for memory without UFFDIO_ZEROPAGE (hugetlb): copy a zero buffer."""
+        step = min(n, ZERO_CHECK_MAX)
+        done = self.uffd.copy(dst, zeros_address(), step)
+        self.stats.bytes_zero += done
+        return done
+
+    def _put_zero(self, addr: int, length: int, *, zeropage: bool) -> None:
         end = addr + length
         while addr < end:
             try:
-                done = self.uffd.zeropage(addr, end - addr)
+                if zeropage:
+                    done = self.uffd.zeropage(addr, end - addr)
+                    self.stats.bytes_zero += done
+                else:
+                    done = self._copy_zeros(addr, end - addr)
             except _uffd.AlreadyPresent:
                 done = PAGE
             except _uffd.RangeGone:
@@ -355,89 +573,103 @@ class RestoreSession:
             except _uffd.Busy:
                 self._pump_events()
                 continue
-            self.stats.bytes_zero += done
             addr += done
 
-    # -- installing ------------------------------------------------------------------
-    def _install(self, r: Region, i: int, j: int) -> None:
-        """Install pages [i, j) of ``r`` (all missing) from its source."""
-        src_off = r.offset + (i << SHIFT)
-        for e in r.source.extents(src_off, (j - i) << SHIFT):
-            a = (e.offset - r.offset) >> SHIFT
-            self._put(r, a, a + (e.length >> SHIFT), e.address)
-
-    def _put(self, r: Region, a: int, b: int, src: int) -> None:
-        """Copy source bytes at ``src`` (or zeros if 0) into pages [a, b)."""
-        bm, st, uffd = r.bitmap, self.stats, self.uffd
-        base = a
-        pos = a
-        while pos < b:
-            if bm[pos]:  # settled meanwhile (an event applied during a retry)
-                pos = bm.find(0, pos, b)
-                if pos == -1:
-                    return
-                continue
-            end = bm.find(1, pos, b)
-            if end == -1:
-                end = b
-            dst = r.start + (pos << SHIFT)
-            n = (end - pos) << SHIFT
-            try:
-                if src:
-                    done = uffd.copy(dst, src + ((pos - base) << SHIFT), n)
-                    st.bytes_copied += done
-                else:
-                    done = uffd.zeropage(dst, n)
-                    st.bytes_zero += done
-            except _uffd.AlreadyPresent:
-                done = PAGE  # installed by someone else: it is there, move on
-            except _uffd.Busy:
-                self._pump_events()
-                continue
-            except _uffd.RangeGone:
-                done = n  # no longer mapped: nothing to serve there
-            cnt = done >> SHIFT
-            bm[pos : pos + cnt] = _ONES[:cnt] if cnt <= len(_ONES) else b"\x01" * cnt
-            st.pages_missing -= cnt
-            pos += cnt
-
-    # -- events -----------------------------------------------------------------
-    def _pump_events(self) -> None:
-        """Read what the kernel queued (needed before a Busy ioctl can succeed).
-
-        Non-fault events change the regions and are applied now, in order;
-        faults read here are served afterwards, from the updated state.
-        """
-        data = self.uffd.read_raw()
-        if not data:
-            return
-        faults = []
-        for ev in _uffd.decode(data):
-            if isinstance(ev, _uffd.PageFault):
-                faults.append(ev.address)
-            else:
-                self._event(ev)
-        for address in faults:
-            self._fault(address)
-
+    # -- address-space events ---------------------------------------------------
     def _event(self, ev: _uffd.Event) -> None:
-        if isinstance(ev, _uffd.Remove | _uffd.Unmap):
-            self._settle_range(ev.start, ev.end, removed=isinstance(ev, _uffd.Remove))
-        else:
-            raise SessionFailed("unsupported_event", f"unsupported userfaultfd event {ev!r}")
+        if isinstance(ev, _uffd.Remove):
+            self._settle(ev.start, ev.end, removed=True)
+        elif isinstance(ev, _uffd.Unmap):
+            self._settle(ev.start, ev.end, removed=False)
+            self._cut(ev.start, ev.end)
+        elif isinstance(ev, _uffd.Remap):
+            self._remap(ev.old, ev.new, ev.length)
+        elif isinstance(ev, _uffd.Fork):
+            self._fork(ev.uffd)
+        else:  # PageFault never reaches here
+            raise SessionFailed("unsupported_event", f"unexpected userfaultfd event {ev!r}")
 
-    def _settle_range(self, start: int, end: int, *, removed: bool) -> None:
-        for r in self.regions:
-            lo, hi = max(start, r.start), min(end, r.end)
+    def _settle(self, start: int, end: int, *, removed: bool) -> None:
+        """Pages in [start, end) need nothing more from the source."""
+        for m in self.mappings:
+            lo, hi = max(start, m.start), min(end, m.end)
             if lo >= hi:
                 continue
-            a, b = (lo - r.start) >> SHIFT, (hi - r.start + PAGE - 1) >> SHIFT
-            self.stats.pages_missing -= r.bitmap.count(0, a, b)
+            r = m.region
+            a = m.first + ((lo - m.start) >> r.shift)
+            b = m.first + ((hi - m.start + r.page - 1) >> r.shift)
+            self.stats.pages_missing -= r.bitmap.count(MISSING, a, b) + r.bitmap.count(INFLIGHT, a, b)
             r.bitmap[a:b] = b"\x01" * (b - a)
-            r.removed = [(x, y) for x, y in _subtract(r.removed, a, b)]
+            r.removed = _subtract(r.removed, a, b)
             if removed:
                 r.removed.append((a, b))
         self.log.debug("range_settled", start=hex(start), end=hex(end), removed=removed)
+
+    def _cut(self, start: int, end: int) -> None:
+        """Remove [start, end) from the mappings (munmap)."""
+        out: list[Mapping] = []
+        for m in self.mappings:
+            if m.end <= start or m.start >= end:
+                out.append(m)
+                continue
+            sh = m.region.shift
+            if m.start < start:
+                out.append(Mapping(m.start, start, m.region, m.first))
+            if m.end > end:
+                out.append(Mapping(end, m.end, m.region, m.first + ((end - m.start) >> sh)))
+        self._set_mappings(out)
+
+    def _remap(self, old: int, new: int, length: int) -> None:
+        """mremap moved [old, old+length) to ``new``: move those mappings."""
+        end = old + length
+        out: list[Mapping] = []
+        for m in self.mappings:
+            if m.end <= old or m.start >= end:
+                out.append(m)
+                continue
+            sh = m.region.shift
+            lo, hi = max(m.start, old), min(m.end, end)
+            if m.start < lo:
+                out.append(Mapping(m.start, lo, m.region, m.first))
+            out.append(Mapping(lo - old + new, hi - old + new, m.region, m.first + ((lo - m.start) >> sh)))
+            if m.end > hi:
+                out.append(Mapping(hi, m.end, m.region, m.first + ((hi - m.start) >> sh)))
+        self._set_mappings(out)
+        self._seq_next = -1
+        for a in (old, new):
+            with contextlib.suppress(_uffd.UffdError):
+                self.uffd.wake(a, length)
+        self.log.debug("range_moved", old=hex(old), new=hex(new), length=length)
+
+    def _set_mappings(self, mappings: list[Mapping]) -> None:
+        self.mappings = sorted(mappings, key=lambda m: m.start)
+        self._index_mappings()
+
+    def _fork(self, child_fd: int) -> None:
+        child_uffd = _uffd.Userfaultfd(child_fd, self.uffd.features)
+        if self.host is None:
+            # Nobody can run the child's session; closing its uffd would zero
+            # fill the child's missing pages, so refuse loudly instead.
+            child_uffd.close()
+            raise SessionFailed("unsupported_event", "the target forked but this session cannot adopt children")
+        clones = {id(r): r.clone_for_fork() for r in self.regions}
+        maps = [Mapping(m.start, m.end, clones[id(m.region)], m.first) for m in self.mappings]
+        self.children += 1
+        sid = f"{self.id}.{self.children}"
+        child = RestoreSession(
+            sid,
+            child_uffd,
+            maps,
+            self.cfg,
+            kind=self.kind,
+            pid=None,
+            fault_around=self._fault_around,
+            fill=self._fill_enabled,
+            log=structlog.get_logger().bind(session=sid, kind=self.kind, parent=self.id),
+            host=self.host,
+        )
+        self.log.info("target_forked", child_session=sid)
+        self.host.adopt(child)
 
     # -- fill ---------------------------------------------------------------------
     def _next_fill(self) -> tuple[int, int]:
@@ -446,47 +678,53 @@ class RestoreSession:
         ri, page = self._fill_region, self._fill_page
         for step in range(n + 1):
             r = self.regions[(ri + step) % n]
-            i = r.bitmap.find(0, page if step == 0 else 0)
+            i = r.bitmap.find(MISSING, page if step == 0 else 0)
             if i != -1:
                 return (ri + step) % n, i
         return -1, -1
 
+    def _fill_run(self, ri: int, i: int) -> tuple[Region, int]:
+        r = self.regions[ri]
+        j = min(i + max(1, self.cfg.fill_chunk >> r.shift), r.npages)
+        for other in (SETTLED, INFLIGHT):
+            k = r.bitmap.find(other, i, j)
+            if k != -1:
+                j = k
+        return r, j
+
     async def _fill(self) -> None:
-        chunk = max(1, self.cfg.fill_chunk >> SHIFT)
         st = self.stats
+        inflight: set[asyncio.Task[None]] = set()
         while self.outcome is None:
             self._on_readable()  # faults first
             if self.outcome is not None:
                 return
             ri, i = self._next_fill()
             if ri < 0:
+                if inflight:
+                    await asyncio.wait(inflight)
+                    continue
                 self._check_complete()
                 return
-            r = self.regions[ri]
-            j = min(i + chunk, r.npages)
-            k = r.bitmap.find(1, i, j)
-            if k != -1:
-                j = k
-            before = st.bytes_copied + st.bytes_zero
-            try:
-                self._install(r, i, j)
-            except _uffd.TargetGone:
-                self._finish(Outcome("target_exited", "target_exited", "the target's address space is gone"))
-                return
-            except SourceError as e:
-                self._fail("source_error", str(e))
-                return
-            except SessionFailed as e:
-                self._fail(e.code, str(e))
-                return
-            except Exception as e:
-                self.log.exception("session_bug")
-                self._fail("internal_error", f"{type(e).__name__}: {e}")
-                return
-            st.bytes_fill += st.bytes_copied + st.bytes_zero - before
+            r, j = self._fill_run(ri, i)
             self._fill_region, self._fill_page = ri, j
-            self._check_complete()
-            await asyncio.sleep(0)
+            if r.source.synchronous:
+                before = st.bytes_copied + st.bytes_zero
+                self._install(r, i, j)
+                st.bytes_fill += st.bytes_copied + st.bytes_zero - before
+                self._check_complete()
+                await asyncio.sleep(0)
+            else:
+                r.bitmap[i:j] = b"\x02" * (j - i)
+                assert self._loop is not None
+                task = self._loop.create_task(self._fetch_install(r, i, j, fault=False))
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+                task.add_done_callback(self._task_done)
+                if len(inflight) >= FILL_INFLIGHT:
+                    await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                else:
+                    await asyncio.sleep(0)
 
     # -- reporting ------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:

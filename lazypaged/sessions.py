@@ -5,16 +5,28 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-from .session import RestoreSession
+import structlog
+
+from .session import Outcome, RestoreSession
+from .sources import PageSource, SourceError
+from .sources.registry import SourceRegistry
 
 
 class SessionTable:
-    """Live sessions, plus failed ones that still hold a uffd (see session.py)."""
+    """Live sessions, plus failed ones that still hold a uffd (see session.py).
 
-    def __init__(self) -> None:
+    It is also the ``SessionHost`` of every session: a target's fork arrives
+    here as a child session, which it runs with its own references to the
+    parent's sources.
+    """
+
+    def __init__(self, registry: SourceRegistry | None = None) -> None:
         self._live: dict[str, RestoreSession] = {}
         self.finished = 0
         self._changed = asyncio.Event()
+        self._registry = registry
+        self._children: set[asyncio.Task[Outcome]] = set()
+        self.log = structlog.get_logger()
 
     def add(self, s: RestoreSession) -> None:
         self._live[s.id] = s
@@ -24,6 +36,30 @@ class SessionTable:
         if self._live.pop(s.id, None) is not None:
             self.finished += 1
         self._changed.set()
+
+    def adopt(self, child: RestoreSession) -> None:
+        """Serve a forked child's session, holding its sources while it runs."""
+        held: list[PageSource] = []
+        if self._registry is not None:
+            for r in child.regions:
+                try:
+                    held.append(self._registry.acquire(r.source.name))
+                except SourceError as e:  # the snapshot vanished: keep using the open one
+                    self.log.warning("fork_source_reacquire_failed", source=r.source.name, error=str(e))
+        self.add(child)
+
+        def ended(s: RestoreSession) -> None:
+            if self._registry is not None:
+                for src in held:
+                    self._registry.release(src)
+            s.log.info("session_ended", outcome=s.state, code=s.outcome.code if s.outcome else "", **{
+                k: v for k, v in s.summary().items() if k not in ("session", "kind", "pid", "state")
+            })
+
+        child.on_end = ended
+        task = asyncio.get_running_loop().create_task(child.run(), name=f"session-{child.id}")
+        self._children.add(task)
+        task.add_done_callback(self._children.discard)
 
     def __len__(self) -> int:
         return len(self._live)

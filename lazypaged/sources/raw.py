@@ -50,7 +50,7 @@ def _map(fd: int, length: int, prot: int, flags: int) -> int:
 _zero_addr = 0
 
 
-def _zeros_address() -> int:
+def zeros_address() -> int:
     global _zero_addr
     if not _zero_addr:
         _zero_addr = _map(-1, ZERO_CHECK_MAX, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -59,7 +59,7 @@ def _zeros_address() -> int:
 
 def is_zero(address: int, length: int) -> bool:
     """True if ``length`` bytes at ``address`` are all zero (``length`` ≤ 4 MiB)."""
-    return bool(_memcmp(address, _zeros_address(), length) == 0)
+    return bool(_memcmp(address, zeros_address(), length) == 0)
 
 
 def find_holes(fd: int, size: int) -> list[tuple[int, int]]:
