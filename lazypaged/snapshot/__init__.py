@@ -1,0 +1,15 @@
+"""lazypaged's own snapshot files: chunked, checksummed, zstd-compatible."""
+
+from .format import ChunkError, FormatError, SnapshotError
+from .reader import SnapshotReader
+from .writer import SnapshotWriter, WriteStats, create_from_raw
+
+__all__ = [
+    "ChunkError",
+    "FormatError",
+    "SnapshotError",
+    "SnapshotReader",
+    "SnapshotWriter",
+    "WriteStats",
+    "create_from_raw",
+]

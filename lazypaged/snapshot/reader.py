@@ -1,0 +1,181 @@
+"""Reading snapshots: open and validate, then decode chunks on demand.
+
+A :class:`SnapshotReader` trusts nothing until the header, index and seek
+table have passed :mod:`.format`'s checks. :meth:`SnapshotReader.chunk`
+returns a chunk's bytes only after its checksum matched, so a caller can
+never hand out bytes that were not verified. It is safe to call from several
+threads at once (``pread`` plus one zstd context per thread).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import zstandard
+
+from . import format as fmt
+from . import zstdframes as zf
+from .format import Chunk, ChunkError, ChunkKind, FormatError, Header, Index, Region
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """What :meth:`SnapshotReader.verify` found wrong with one chunk."""
+
+    chunk: int
+    region: str
+    offset: int
+    what: str
+
+
+class SnapshotReader:
+    """An open, validated snapshot file."""
+
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.name = name or self.path
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._local = threading.local()
+        try:
+            self.header, self.index = self._load()
+        except FormatError as e:
+            self.close()
+            raise FormatError(f"{self.name}: {e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self._chunk_offsets = [c.offset for c in self.index.chunks]
+
+    def _load(self) -> tuple[Header, Index]:
+        size = os.fstat(self._fd).st_size
+        h = fmt.parse_header(self._pread(fmt.HEADER_FRAME, 0), size)
+        idx = fmt.parse_index(self._pread(h.index_size, h.index_offset), h)
+        table_at = h.index_offset + h.index_size
+        table = self._pread(size - table_at, table_at)
+        try:
+            if zf.parse_seek_footer(table[-zf.SEEK_FOOTER_SIZE :]) != h.chunk_count:
+                raise ValueError("seek table frame count differs from the header")
+            entries = zf.parse_seek_table(table, h.chunk_count)
+        except ValueError as e:
+            raise FormatError(str(e)) from None
+        fmt.check_seek_table(entries, h, idx)
+        return h, idx
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self._fd, n, offset)
+        if len(data) != n:
+            raise FormatError(f"truncated: wanted {n} bytes at {offset:#x}, got {len(data)}")
+        return data
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def size(self) -> int:
+        return self.index.size
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self.index.regions
+
+    def chunk_at(self, offset: int) -> int:
+        """Index of the chunk holding source byte ``offset``."""
+        return bisect.bisect_right(self._chunk_offsets, offset) - 1
+
+    def zero_flags(self, chunk: int) -> bytes:
+        """One byte per page of the chunk, 1 for a zero page."""
+        c = self.index.chunks[chunk]
+        r = self.index.regions[c.region]
+        first = (c.offset - r.offset) // r.page_size
+        return self.index.zero_pages[c.region][first : first + c.length // r.page_size]
+
+    def error(self, chunk: int, what: str) -> ChunkError:
+        c = self.index.chunks[chunk]
+        return ChunkError(self.name, chunk, self.index.regions[c.region].name, c.offset, what)
+
+    def chunk(self, i: int) -> bytes:
+        """Chunk ``i``'s bytes, decompressed and checksum-verified; ChunkError otherwise."""
+        c = self.index.chunks[i]
+        if c.kind == ChunkKind.ZERO:
+            return bytes(c.length)
+        if self._fd < 0:
+            raise self.error(i, "snapshot is closed")
+        try:
+            frame = os.pread(self._fd, c.frame_size, c.frame_offset)
+        except OSError as e:
+            raise self.error(i, f"read failed: {e.strerror}") from None
+        if len(frame) != c.frame_size:
+            raise self.error(i, f"short read ({len(frame)} of {c.frame_size} bytes): file truncated while open?")
+        if c.kind == ChunkKind.RAW:
+            if frame[: c.data_offset] != zf.raw_frame_prefix(c.length):
+                raise self.error(i, "raw frame header damaged")
+            data = frame[c.data_offset :]
+        else:
+            data = self._decompress(i, c, frame)
+        self.check(i, data)
+        return data
+
+    def _decompress(self, i: int, c: Chunk, frame: bytes) -> bytes:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        try:
+            # Never let a frame claim more than the chunk: cap the output.
+            params = zstandard.get_frame_parameters(frame)
+            if params.content_size != c.length:
+                raise self.error(i, f"frame declares {params.content_size} bytes, the index says {c.length}")
+            data = dctx.decompress(frame, max_output_size=c.length)
+        except zstandard.ZstdError as e:
+            raise self.error(i, f"zstd: {e}") from None
+        if len(data) != c.length:
+            raise self.error(i, f"decompressed to {len(data)} bytes, the index says {c.length}")
+        return data
+
+    def check(self, i: int, data: bytes | bytearray | memoryview) -> None:
+        """Raise ChunkError unless ``data`` matches chunk ``i``'s checksum."""
+        c = self.index.chunks[i]
+        if len(data) != c.length:
+            raise self.error(i, f"{len(data)} bytes, the index says {c.length}")
+        got = fmt.checksum(data)
+        if got != c.checksum:
+            raise self.error(i, f"checksum mismatch (xxh3-128 {got.hex()}, index has {c.checksum.hex()})")
+
+    def verify(self) -> Iterator[Damage | int]:
+        """Check every chunk fully; yields each chunk's length as progress, or a Damage."""
+        zero_cache: dict[int, bytes] = {}
+        for i, c in enumerate(self.index.chunks):
+            region = self.index.regions[c.region]
+            try:
+                if c.kind == ChunkKind.ZERO:
+                    # Never served from the frame, but `zstd -d` reads it: it must be zeros too.
+                    frame = os.pread(self._fd, c.frame_size, c.frame_offset)
+                    zeros = zero_cache.setdefault(c.length, bytes(c.length))
+                    if self._decompress(i, c, frame) != zeros:
+                        raise self.error(i, "zero chunk's frame does not decode to zeros")
+                    yield c.length
+                    continue
+                data = self.chunk(i)
+                page = region.page_size
+                zero_page = bytes(page)
+                for p, flag in enumerate(self.zero_flags(i)):
+                    if flag and data[p * page : (p + 1) * page] != zero_page:
+                        raise self.error(i, f"page {p} is marked zero but holds data")
+                yield c.length
+            except ChunkError as e:
+                yield Damage(i, region.name, c.offset, e.what)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> SnapshotReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
