@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
 
     feats = sub.add_parser("features", help="print the userfaultfd features this kernel offers")
     feats.add_argument("--json", action="store_true")
+
+    from .snapshot.commands import add_parser as add_snapshot_parser
+
+    add_snapshot_parser(sub)
     return p
 
 
@@ -78,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             print("features:", " ".join(abi.feature_names(features)))
             print("ioctls:  ", " ".join(abi.ioctl_names(ioctls)))
         return EXIT_OK
+    if args.command == "snapshot":
+        from .snapshot.commands import run as run_snapshot
+
+        return run_snapshot(args)
     return EXIT_USAGE  # pragma: no cover
 
 
