@@ -1,0 +1,257 @@
+"""Serving snapshots: extents match the image, checksums gate every byte,
+decompression stays off the event loop, and open_source picks by magic."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from lazypaged.snapshot import ChunkError, FormatError, SnapshotReader, create_from_raw
+from lazypaged.sources import RawImageSource, SourceError
+from lazypaged.sources.compressed import CompressedSnapshotSource, MappedSnapshotSource
+from lazypaged.sources.open import open_source
+
+from .snapshot_images import PAGE, flip_bit, gather, write_image
+
+SIZE = 4 << 20
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> tuple[Path, bytes]:
+    path = tmp_path / "mem.raw"
+    return path, write_image(path, SIZE, seed=11)
+
+
+def _make(tmp_path: Path, image: tuple[Path, bytes], layout: str) -> Path:
+    out = tmp_path / f"{layout}.lzs"
+    create_from_raw(image[0], out, raw=layout == "raw")
+    return out
+
+
+@pytest.fixture(params=["zstd", "raw"])
+def served(request: pytest.FixtureRequest, tmp_path: Path, image: tuple[Path, bytes]) -> tuple[str, Path]:
+    return str(request.param), _make(tmp_path, image, str(request.param))
+
+
+def _ranges(n: int, seed: int = 5) -> list[tuple[int, int]]:
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        off = rnd.randrange(SIZE // PAGE) * PAGE
+        out.append((off, min(SIZE - off, rnd.randrange(1, 80) * PAGE)))
+    return [*out, (0, SIZE), (SIZE - PAGE, PAGE)]
+
+
+def test_open_source_picks_the_layout(tmp_path: Path, image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    layout, path = served
+    src = open_source(path, "snap")
+    try:
+        want = MappedSnapshotSource if layout == "raw" else CompressedSnapshotSource
+        assert type(src) is want
+        assert src.synchronous == (layout == "raw")
+        assert (src.name, src.size) == ("snap", SIZE)
+    finally:
+        src.close()
+    raw = open_source(image[0])
+    assert type(raw) is RawImageSource
+    raw.close()
+
+
+def test_extents_match_the_image(image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    src = open_source(served[1])
+    try:
+        for off, ln in _ranges(150):
+            ext = src.extents(off, ln)
+            assert ext[0].offset == off
+            assert sum(e.length for e in ext) == ln
+            assert gather(ext) == image[1][off : off + ln]
+    finally:
+        src.close()
+
+
+def test_fetch_matches_the_image(image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    async def main() -> None:
+        src = open_source(served[1])
+        try:
+            results = await asyncio.gather(*(src.fetch(off, ln) for off, ln in _ranges(60)))
+            for (off, ln), ext in zip(_ranges(60), results, strict=True):
+                assert gather(ext) == image[1][off : off + ln]
+        finally:
+            src.close()
+
+    asyncio.run(main())
+
+
+def test_zero_pages_are_zero_extents(image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    data = image[1]
+    zero = bytes(PAGE)
+    src = open_source(served[1])
+    try:
+        ext = src.extents(0, SIZE)
+        # Adjacent zero runs are merged, so zeros and data alternate.
+        assert all(not (a.address == 0 and b.address == 0) for a, b in itertools.pairwise(ext))
+        for e in ext:
+            pages = [data[p : p + PAGE] == zero for p in range(e.offset, e.offset + e.length, PAGE)]
+            assert all(pages) if e.address == 0 else not any(pages)
+    finally:
+        src.close()
+
+
+def test_raw_layout_is_zero_copy(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "raw")
+    src = open_source(path)
+    try:
+        assert isinstance(src, MappedSnapshotSource)
+        with SnapshotReader(path) as rd:
+            c = rd.index.chunks[rd.chunk_at(CHUNK * 3)]
+        data = [e for e in src.extents(c.offset, c.length) if e.address]
+        assert data
+        assert all(e.owner is None for e in data)
+        # Addresses point into the file mapping, at the chunk's payload.
+        first = data[0]
+        base = first.address - (first.offset - c.offset) - c.frame_offset - c.data_offset
+        assert base % PAGE == 0
+    finally:
+        src.close()
+
+
+def test_corrupt_chunk_is_never_served(tmp_path: Path, image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    _, path = served
+    with SnapshotReader(path) as rd:
+        bad = next(i for i, c in enumerate(rd.index.chunks) if c.kind != 0 and i > 4)
+        c = rd.index.chunks[bad]
+    flip_bit(path, c.frame_offset + c.frame_size - 1, 1)
+
+    async def main() -> None:
+        src = open_source(path, "snap")
+        try:
+            for _ in range(2):  # and not cached as good the second time
+                with pytest.raises(ChunkError, match=f"snap: chunk {bad} of region 'mem.raw'"):
+                    await src.fetch(c.offset, c.length)
+                with pytest.raises(ChunkError, match=f"chunk {bad}"):
+                    src.extents(c.offset - PAGE, 2 * PAGE)
+            # The rest keeps being served.
+            assert gather(await src.fetch(0, CHUNK)) == image[1][:CHUNK]
+            assert gather(src.extents(c.offset + c.length, PAGE)) == image[1][c.offset + c.length :][:PAGE]
+        finally:
+            src.close()
+
+    asyncio.run(main())
+
+
+def test_cache_is_bounded_and_owners_keep_buffers(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "zstd")
+    with SnapshotReader(path) as rd:
+        src = CompressedSnapshotSource(SnapshotReader(path), cache_bytes=3 * CHUNK)
+        data_chunks = [c for c in rd.index.chunks if c.kind != 0]
+    try:
+        first = src.extents(data_chunks[0].offset, data_chunks[0].length)
+        for c in data_chunks[1:20]:
+            src.extents(c.offset, c.length)
+        assert src._cache_bytes <= 3 * CHUNK
+        assert src.chunks_decoded == 20
+        # Evicted from the cache, but the extents still hold their buffer.
+        off = data_chunks[0].offset
+        assert gather(first) == image[1][off : off + data_chunks[0].length]
+        src.extents(data_chunks[19].offset, PAGE)  # cached: no new decode
+        assert src.chunks_decoded == 20
+        src.extents(data_chunks[0].offset, PAGE)  # evicted: decoded again
+        assert src.chunks_decoded == 21
+    finally:
+        src.close()
+
+
+def test_concurrent_faults_share_one_decode(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "zstd")
+
+    async def main() -> None:
+        src = open_source(path)
+        assert isinstance(src, CompressedSnapshotSource)
+        try:
+            c = next(c for c in src.reader.index.chunks if c.kind != 0)
+            res = await asyncio.gather(*(src.fetch(c.offset + k * PAGE, PAGE) for k in range(8)))
+            assert src.chunks_decoded == 1
+            assert b"".join(gather(r) for r in res) == image[1][c.offset : c.offset + 8 * PAGE]
+        finally:
+            src.close()
+
+    asyncio.run(main())
+
+
+def test_decompression_does_not_block_the_loop(
+    tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _make(tmp_path, image, "zstd")
+    orig = SnapshotReader.chunk
+
+    def slow_chunk(self: SnapshotReader, i: int) -> bytes:
+        time.sleep(0.2)
+        return orig(self, i)
+
+    monkeypatch.setattr(SnapshotReader, "chunk", slow_chunk)
+
+    async def main() -> None:
+        src = CompressedSnapshotSource(SnapshotReader(path), workers=2)
+        ticks = 0
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        hb = asyncio.create_task(heartbeat())
+        try:
+            t0 = time.monotonic()
+            # Two chunks decode in parallel in the pool.
+            await asyncio.gather(src.fetch(0, CHUNK), src.fetch(CHUNK, CHUNK))
+            assert time.monotonic() - t0 < 0.38
+            assert ticks >= 8
+        finally:
+            hb.cancel()
+            src.close()
+
+    asyncio.run(main())
+
+
+def test_deleted_or_replaced_while_served(tmp_path: Path, image: tuple[Path, bytes], served: tuple[str, Path]) -> None:
+    _, path = served
+    src = open_source(path)
+    try:
+        head = gather(src.extents(0, CHUNK))
+        path.unlink()
+        assert gather(src.extents(SIZE - CHUNK, CHUNK)) == image[1][SIZE - CHUNK :]
+        other = tmp_path / "other.raw"
+        write_image(other, SIZE, seed=99)
+        tmp = tmp_path / "other.lzs"
+        create_from_raw(other, tmp)
+        os.replace(tmp, path)  # the usual way a snapshot gets replaced
+        assert gather(src.extents(0, CHUNK)) == head == image[1][:CHUNK]
+        assert gather(src.extents(CHUNK * 5, CHUNK)) == image[1][CHUNK * 5 : CHUNK * 6]
+    finally:
+        src.close()
+
+
+def test_closed_source_refuses(served: tuple[str, Path]) -> None:
+    src = open_source(served[1])
+    src.close()
+    with pytest.raises(SourceError):
+        src.extents(0, CHUNK)
+    with pytest.raises(SourceError):
+        src.extents(SIZE, PAGE)
+
+
+def test_damaged_snapshot_is_not_served_as_raw(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "zstd")
+    os.truncate(path, path.stat().st_size - 1)
+    with pytest.raises(FormatError, match="truncated"):
+        open_source(path)
+    with pytest.raises(SourceError, match="cannot open"):
+        open_source(tmp_path / "missing")
