@@ -1,0 +1,1 @@
+"""Reproducible performance runs for lazypaged (not part of the tests)."""
