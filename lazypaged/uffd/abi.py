@@ -1,18 +1,24 @@
-"""userfaultfd ABI: constants, ioctl numbers and struct layouts (x86_64).
+"""userfaultfd ABI: constants, ioctl numbers and struct layouts.
 
-Values mirror ``include/uapi/linux/userfaultfd.h``; ``tests/test_uffd_abi.py``
-checks them against the installed kernel header. Newer entries (POISON, MOVE)
-are kept here even when the build host's header predates them: the running
-kernel decides what is granted, through ``UFFDIO_API``.
+Values mirror ``include/uapi/linux/userfaultfd.h`` for 64-bit little-endian
+machines that use the generic ioctl encoding (x86_64, aarch64);
+``tests/test_uffd_abi.py`` checks them against the installed kernel header.
+Newer entries (POISON, MOVE) are kept here even when the build host's header
+predates them: the running kernel decides what is granted, through
+``UFFDIO_API``.
 """
 
 from __future__ import annotations
 
+import platform
 import struct
 from typing import Final
 
 # --- syscall / device -------------------------------------------------------
-SYS_USERFAULTFD: Final = 323  # x86_64
+_SYSCALL_NUMBERS: Final = {"x86_64": 323, "aarch64": 282}
+#: -1 on an unlisted machine: syscall(-1) fails with ENOSYS, which sends
+#: ``Userfaultfd.create`` to /dev/userfaultfd instead of a wrong syscall.
+SYS_USERFAULTFD: Final = _SYSCALL_NUMBERS.get(platform.machine(), -1)
 UFFD_USER_MODE_ONLY: Final = 1
 DEV_USERFAULTFD: Final = "/dev/userfaultfd"
 
@@ -64,7 +70,8 @@ UFFDIO_MOVE: Final = _ioc(_IOWR, UFFDIO, _UFFDIO_MOVE, UFFDIO_MOVE_STRUCT.size)
 UFFDIO_WRITEPROTECT: Final = _ioc(_IOWR, UFFDIO, _UFFDIO_WRITEPROTECT, UFFDIO_WRITEPROTECT_STRUCT.size)
 UFFDIO_CONTINUE: Final = _ioc(_IOWR, UFFDIO, _UFFDIO_CONTINUE, UFFDIO_CONTINUE_STRUCT.size)
 UFFDIO_POISON: Final = _ioc(_IOWR, UFFDIO, _UFFDIO_POISON, UFFDIO_POISON_STRUCT.size)
-USERFAULTFD_IOC_NEW: Final = _ioc(_IOC_NONE, 0xAA, 0x00, 0)
+USERFAULTFD_IOC: Final = 0xAA
+USERFAULTFD_IOC_NEW: Final = _ioc(_IOC_NONE, USERFAULTFD_IOC, 0x00, 0)
 
 # --- events -----------------------------------------------------------------
 UFFD_EVENT_PAGEFAULT: Final = 0x12
@@ -124,6 +131,12 @@ UFFDIO_COPY_MODE_DONTWAKE: Final = 1 << 0
 UFFDIO_COPY_MODE_WP: Final = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE: Final = 1 << 0
 UFFDIO_POISON_MODE_DONTWAKE: Final = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_WP: Final = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE: Final = 1 << 1
+UFFDIO_CONTINUE_MODE_DONTWAKE: Final = 1 << 0
+UFFDIO_CONTINUE_MODE_WP: Final = 1 << 1
+UFFDIO_MOVE_MODE_DONTWAKE: Final = 1 << 0
+UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: Final = 1 << 1
 
 IOCTL_NAMES: Final = {
     _UFFDIO_REGISTER: "register",

@@ -9,9 +9,12 @@ asks for a different reaction:
 * ``RangeGone`` (ENOENT): the destination is no longer a registered mapping
   (unmapped or moved); drop that range, not the session.
 * ``TargetGone`` (ESRCH, and ENOSPC on older kernels): the target's mm is gone;
-  end the session quietly.
+  end the session quietly. ``UFFDIO_REGISTER``/``UNREGISTER`` report a gone
+  mm as ENOMEM instead (their reference on the mm fails), so those two map
+  ENOMEM to ``TargetGone`` at their call site (see ``ops.py``).
 
 Everything else is a ``UffdError`` carrying the original errno.
+``UFFDIO_WAKE`` never reports a gone mm: it does not touch the address space.
 """
 
 from __future__ import annotations
@@ -60,3 +63,15 @@ _BY_ERRNO: dict[int, type[UffdError]] = {
 def from_errno(err: int, what: str) -> UffdError:
     """Build the exception family that ``err`` means for a range ioctl."""
     return _BY_ERRNO.get(err, UffdError)(err, what)
+
+
+def from_errno_setup(err: int, what: str) -> UffdError:
+    """Like :func:`from_errno`, for ``UFFDIO_REGISTER``/``UNREGISTER``.
+
+    Both answer ENOMEM when the mm is gone. The only other ENOMEM they can
+    return comes from splitting a vma while the machine is out of memory;
+    the session cannot serve that target either way.
+    """
+    if err == errno.ENOMEM:
+        return TargetGone(err, f"{what} (the target's address space is gone)")
+    return from_errno(err, what)

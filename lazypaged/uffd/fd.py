@@ -6,21 +6,31 @@ Theory of operation (facts the rest of lazypaged relies on):
   Every ioctl on it, from any process holding the fd, acts on *that* mm: the
   daemon registers, copies and wakes inside the target from its own process.
 * ``UFFDIO_API`` is called once, by the creator. The daemon never calls it on
-  a received fd (the kernel refuses a second call); it learns features from
-  the handoff instead.
+  a received fd (the kernel refuses a second call with EINVAL, the same errno
+  as for a feature it lacks); it learns features from the handoff instead.
+  A refused call leaves the uffd un-negotiated, so the creator may retry
+  with fewer features.
 * Reads return whole 32-byte ``uffd_msg`` records; one ``read`` of N*32 bytes
   drains up to N events. The fd is non-blocking: EAGAIN means "none now".
 * ``UFFDIO_COPY``/``ZEROPAGE`` may stop part-way. The ``copy`` field says how
   many bytes went in; a zero-progress failure is EEXIST (page already
   there), EAGAIN (an mm change is in flight: non-cooperative events are
   queued and every range ioctl fails until they are read), ENOENT (range no
-  longer registered), ESRCH (mm gone: the target exited).
+  longer registered), ESRCH (mm gone: the target exited). REGISTER and
+  UNREGISTER say ENOMEM for a gone mm; WAKE still succeeds then.
+* Non-cooperative events (EVENT_REMOVE/UNMAP/REMAP/FORK) hold the target's
+  madvise/munmap/mremap/fork until the event is read. A moved range (mremap)
+  arrives as REMAP and then, on current kernels, an UNMAP of the old range.
+  A FORK's new uffd is installed into the table of the process that reads it.
 * Copies without DONTWAKE wake every thread blocked on the copied range.
 * Closing the last reference to a uffd while ranges are still registered
   makes the kernel drop the registration: later touches of missing anonymous
   pages are then filled with *zeros* by the kernel. A live session's uffd is
   therefore closed only after its ranges are fully installed and
   unregistered, or when its target is gone.
+* A thread that touches one of *our own* registered, missing pages sleeps
+  until someone serves it; if that thread holds the GIL (``ctypes.string_at``
+  does), the whole process deadlocks. Closing the uffd wakes such sleepers.
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ class Userfaultfd:
 
     The descriptor number becomes -1 the moment it is closed, so later use
     fails loudly with EBADF instead of touching a reused number.
+
+    The ioctl argument buffers are preallocated per object: one thread at a
+    time may call ``wake``/``copy``/``zeropage``/``poison`` on it.
     """
 
     __slots__ = ("_copy_buf", "_fd", "_poison_buf", "_wake_buf", "_zero_buf", "features")
@@ -94,9 +107,7 @@ class Userfaultfd:
         try:
             offered, _ioctls = ops.api(self.fileno(), features)
         except UffdError as e:
-            if e.errno == errno.EINVAL:
-                raise NotSupported(errno.EINVAL, f"UFFDIO_API refused features {abi.feature_names(features)}") from None
-            raise
+            raise _api_refusal(e.errno or 0, features) from None
         missing = features & ~offered
         if missing:
             raise NotSupported(errno.EINVAL, f"features not offered: {abi.feature_names(missing)}")
@@ -141,31 +152,59 @@ class Userfaultfd:
         ops.unregister(self.fileno(), start, length)
 
     def wake(self, start: int, length: int) -> None:
-        ops.wake(self._fd, self._wake_buf, start, length)
+        ops.wake(self.fileno(), self._wake_buf, start, length)
 
     def copy(self, dst: int, src: int, length: int, *, wake: bool = True) -> int:
-        """Install ``length`` bytes from our address ``src``; returns bytes done."""
+        """Install ``length`` bytes from our address ``src``; returns bytes done.
+
+        A result below ``length`` means the kernel stopped part-way; the call
+        from ``dst + done`` raises the reason (e.g. ``AlreadyPresent``).
+        """
         mode = 0 if wake else abi.UFFDIO_COPY_MODE_DONTWAKE
-        return ops.copy(self._fd, self._copy_buf, dst, src, length, mode)
+        return ops.copy(self.fileno(), self._copy_buf, dst, src, length, mode)
 
     def zeropage(self, start: int, length: int, *, wake: bool = True) -> int:
+        """Map the zero page over ``length`` bytes; returns bytes done, as ``copy``."""
         mode = 0 if wake else abi.UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        return ops.zeropage(self._fd, self._zero_buf, start, length, mode)
+        return ops.zeropage(self.fileno(), self._zero_buf, start, length, mode)
 
     def poison(self, start: int, length: int, *, wake: bool = True) -> int:
+        """Mark ``length`` bytes poisoned (touching them raises SIGBUS); as ``copy``."""
         mode = 0 if wake else abi.UFFDIO_POISON_MODE_DONTWAKE
-        return ops.poison(self._fd, self._poison_buf, start, length, mode)
+        return ops.poison(self.fileno(), self._poison_buf, start, length, mode)
 
     # -- events ------------------------------------------------------------------
     def read_raw(self, batch: int = READ_BATCH) -> bytes:
         """One non-blocking read of up to ``batch`` messages (b"" if none)."""
         try:
-            return os.read(self._fd, batch * abi.UFFD_MSG_SIZE)
+            return os.read(self.fileno(), batch * abi.UFFD_MSG_SIZE)
         except BlockingIOError:
             return b""
 
     def read_events(self, batch: int = READ_BATCH) -> list[Event]:
         return decode(self.read_raw(batch))
+
+
+def _api_refusal(err: int, features: int) -> UffdError:
+    """Say why UFFDIO_API refused ``features``.
+
+    EINVAL means either a feature the kernel lacks or a uffd that was already
+    negotiated; a scratch uffd tells the two apart. EPERM is EVENT_FORK
+    without CAP_SYS_PTRACE.
+    """
+    names = abi.feature_names(features)
+    if err == errno.EPERM and features & abi.UFFD_FEATURE_EVENT_FORK:
+        return NotSupported(err, f"UFFDIO_API refused {names}: event_fork needs CAP_SYS_PTRACE")
+    if err != errno.EINVAL:
+        return UffdError(err, f"UFFDIO_API features {names}")
+    try:
+        offered, _ioctls = kernel_features()
+    except UffdError:
+        return NotSupported(err, f"UFFDIO_API refused features {names}")
+    missing = features & ~offered
+    if missing:
+        return NotSupported(err, f"features not offered by this kernel: {abi.feature_names(missing)}")
+    return UffdError(err, f"UFFDIO_API refused features {names} that the kernel offers: already negotiated?")
 
 
 def kernel_features() -> tuple[int, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fcntl
 
 from . import abi
-from .errors import UffdError, from_errno
+from .errors import UffdError, from_errno, from_errno_setup
 
 _api = abi.UFFDIO_API_STRUCT
 _range = abi.UFFDIO_RANGE_STRUCT
@@ -42,7 +42,7 @@ def register(fd: int, start: int, length: int, mode: int) -> int:
     try:
         fcntl.ioctl(fd, abi.UFFDIO_REGISTER, buf, True)
     except OSError as e:
-        raise from_errno(e.errno or 0, f"UFFDIO_REGISTER {start:#x}+{length:#x}") from None
+        raise from_errno_setup(e.errno or 0, f"UFFDIO_REGISTER {start:#x}+{length:#x}") from None
     return int(_register.unpack(buf)[3])
 
 
@@ -53,7 +53,7 @@ def unregister(fd: int, start: int, length: int) -> None:
     try:
         fcntl.ioctl(fd, abi.UFFDIO_UNREGISTER, buf, True)
     except OSError as e:
-        raise from_errno(e.errno or 0, f"UFFDIO_UNREGISTER {start:#x}+{length:#x}") from None
+        raise from_errno_setup(e.errno or 0, f"UFFDIO_UNREGISTER {start:#x}+{length:#x}") from None
 
 
 def wake(fd: int, buf: bytearray, start: int, length: int) -> None:
