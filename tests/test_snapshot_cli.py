@@ -1,0 +1,135 @@
+"""`lazypaged snapshot create|inspect|verify` through the real argument parser."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazypaged.cli import main
+from lazypaged.snapshot import SnapshotReader
+from lazypaged.snapshot.commands import parse_size
+
+from .snapshot_images import flip_bit, write_image
+
+SIZE = 2 << 20
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    path = tmp_path / "mem.raw"
+    write_image(path, SIZE, seed=2)
+    return path
+
+
+def test_create_inspect_verify(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mem.lzs"
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "--level", "5", "-q"]) == 0
+    line = capsys.readouterr().out
+    assert "2.00 MiB in 1 region" in line
+    assert "zero" in line
+    assert "ratio" in line
+    assert "MiB/s" in line
+
+    assert main(["snapshot", "inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "zstd"
+    assert info["checksum"] == "xxh3-128"
+    assert info["chunk_size"] == 64 << 10
+    assert info["size"] == SIZE
+    assert 0.2 < info["zero_fraction"] < 0.4
+    assert info["ratio"] > 1.5
+    assert info["regions"][0]["name"] == "mem.raw"
+
+    assert main(["snapshot", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "xxh3-128" in text
+    assert "mem.raw" in text
+
+    assert main(["snapshot", "verify", str(out), "-q"]) == 0
+    assert "sound" in capsys.readouterr().out
+
+
+def test_raw_layout_and_chunk_size(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mem.lzs"
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "--raw", "--chunk-size", "32K"]) == 0
+    with SnapshotReader(out) as rd:
+        assert rd.header.raw
+        assert rd.header.chunk_size == 32 << 10
+    assert "ratio" in capsys.readouterr().out
+    assert main(["snapshot", "inspect", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layout"] == "raw"
+
+
+def test_verify_names_the_first_bad_chunk(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mem.lzs"
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "-q"]) == 0
+    with SnapshotReader(out) as rd:
+        bad = [i for i, c in enumerate(rd.index.chunks) if c.kind != 0][3:5]
+        frames = [rd.index.chunks[i] for i in bad]
+    for c in frames:
+        flip_bit(out, c.frame_offset + c.frame_size // 2)
+    capsys.readouterr()
+    assert main(["snapshot", "verify", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "CORRUPT: 2 of" in err
+    assert f"first: chunk {bad[0]} of region 'mem.raw'" in err
+
+
+def test_verify_damaged_index_and_missing_file(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mem.lzs"
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "-q"]) == 0
+    flip_bit(out, out.stat().st_size - 100)
+    assert main(["snapshot", "verify", str(out)]) == 1
+    assert "corrupt snapshot" in capsys.readouterr().err
+    assert main(["snapshot", "inspect", str(out)]) == 1
+    assert main(["snapshot", "verify", str(tmp_path / "nope")]) == 2
+
+
+def test_usage_errors(tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "x.lzs")
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", out, "--chunk-size", "1000"]) == 2
+    assert "chunk size" in capsys.readouterr().err
+    assert main(["snapshot", "create", "--from-raw", str(tmp_path / "missing"), "-o", out]) == 1
+    with pytest.raises(SystemExit):
+        main(["snapshot", "create", "-o", out])  # no source given
+    capsys.readouterr()
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid = int(f.read()) + 1
+    assert main(["snapshot", "create", "--from-pid", str(pid), "-o", out]) == 1
+    assert f"no process with pid {pid}" in capsys.readouterr().err
+
+
+def test_parse_size() -> None:
+    assert parse_size("65536") == 65536
+    assert parse_size("64K") == parse_size("64KiB") == parse_size("64kb") == 64 << 10
+    assert parse_size("1M") == 1 << 20
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")
+
+
+def test_from_pid_with_progress_bar(tmp_path: Path) -> None:
+    """The real command in a subprocess, progress bar on: captures a sleeping child."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        out = tmp_path / "p.lzs"
+        res = subprocess.run(
+            [sys.executable, "-m", "lazypaged", "snapshot", "create", "--from-pid", str(child.pid), "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "regions" in res.stdout
+        assert child.poll() is None
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert f.read().rpartition(")")[2].split()[0] != "T"
+        with SnapshotReader(out) as rd:
+            assert any(r.name == "[stack]" for r in rd.regions)
+    finally:
+        child.kill()
+        child.wait()
