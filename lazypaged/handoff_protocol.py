@@ -3,20 +3,30 @@
 Rules of this file:
 
 * A frame is a 4-byte big-endian length N (1 ≤ N ≤ ``MAX_FRAME``) followed
-  by N bytes of one msgpack map. Every map carries ``"v"`` (protocol
-  version) and ``"type"``.
+  by N bytes holding exactly one msgpack map. Every map carries ``"v"``
+  (protocol version, the integer ``VERSION``) and ``"type"``.
 * The uffd travels as SCM_RIGHTS ancillary data on the same ``sendmsg`` as
   the first byte of the ``restore`` frame; this module never sees it.
+* Messages are frozen dataclasses that validate in their constructor, so a
+  message object is always one that can be encoded. Building an invalid one
+  raises ``LocalProtocolError``.
 * ``FrameDecoder.feed`` takes whatever the socket gave and returns whole
-  messages; garbage from the peer raises ``RemoteProtocolError``. Building
-  an invalid message locally raises ``LocalProtocolError``. Nothing else
-  escapes; anything else is a bug.
+  messages; garbage from the peer raises ``RemoteProtocolError`` (and every
+  later ``feed`` raises again: a stream that went wrong once has no frame
+  boundary left to trust). Nothing else escapes; anything else is a bug.
+* Decoding is lenient where that costs nothing and strict where a wrong
+  guess would hurt: unknown keys are ignored (room for later versions), an
+  optional field sent as nil takes its default, but a field of the wrong
+  msgpack type (a boolean where an integer belongs, a float for an address,
+  a binary where a string belongs), a duplicate key or a value out of range
+  is refused.
 
-The document for client writers is ``docs/handoff.md``.
+The document for client writers is ``docs/handoff.md``; keep the two in step.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -30,9 +40,12 @@ MAX_FRAME: Final = 1 << 20
 #: Enough for a CRIU-sized process (thousands of VMAs) without letting one
 #: request make the daemon track millions of regions.
 MAX_RANGES: Final = 4096
+#: Longest snapshot name, session id or error code, in UTF-8 bytes: PATH_MAX.
 MAX_NAME: Final = 4096
 _HEADER: Final = struct.Struct(">I")
 _U64: Final = (1 << 64) - 1
+#: pid_t is a signed 32-bit integer; 0 and negative values name groups, not a process.
+_PID_MAX: Final = (1 << 31) - 1
 
 
 class ProtocolError(Exception):
@@ -53,6 +66,51 @@ class LocalProtocolError(ProtocolError):
     """We were asked to build an invalid message."""
 
 
+# -- field checks (raise LocalProtocolError; decoding turns that into Remote) ----
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_uint(what: str, v: object, hi: int = _U64) -> None:
+    if not _is_int(v):
+        raise LocalProtocolError(f"{what} must be an integer, not {type(v).__name__}")
+    assert isinstance(v, int)
+    if not 0 <= v <= hi:
+        raise LocalProtocolError(f"{what} = {v} is out of range 0..{hi}")
+
+
+def _check_bool(what: str, v: object) -> None:
+    if not isinstance(v, bool):
+        raise LocalProtocolError(f"{what} must be a boolean, not {type(v).__name__}")
+
+
+def _check_name(what: str, v: object) -> None:
+    """A short identifier: non-empty valid UTF-8 without NUL, at most MAX_NAME bytes."""
+    if not isinstance(v, str):
+        raise LocalProtocolError(f"{what} must be a string, not {type(v).__name__}")
+    try:
+        n = len(v.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"{what} is not valid Unicode text") from None
+    if not 0 < n <= MAX_NAME:
+        raise LocalProtocolError(f"{what} must be 1..{MAX_NAME} bytes of UTF-8, not {n}")
+    if "\0" in v:
+        raise LocalProtocolError(f"{what} must not contain NUL")
+
+
+def _clean_text(obj: object, attr: str) -> None:
+    """Free text (error messages) is never refused: unencodable characters become U+FFFD."""
+    v = getattr(obj, attr)
+    if not isinstance(v, str):
+        raise LocalProtocolError(f"{attr} must be a string, not {type(v).__name__}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # only lone surrogates cannot be encoded
+        object.__setattr__(obj, attr, "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in v))
+
+
 # -- messages ----------------------------------------------------------------
 
 
@@ -67,17 +125,12 @@ class RangeSpec:
 
     def __post_init__(self) -> None:
         for name in ("start", "length", "offset"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= _U64:
-                raise LocalProtocolError(f"range {name} must be an unsigned 64-bit integer")
+            _check_uint(f"range {name}", getattr(self, name))
         if self.length == 0:
             raise LocalProtocolError("range length must not be zero")
         if self.start + self.length > _U64:
             raise LocalProtocolError("range wraps around the address space")
-        if not isinstance(self.source, str) or not self.source or len(self.source) > MAX_NAME:
-            raise LocalProtocolError("range source must be a non-empty name")
-        if "\0" in self.source:
-            raise LocalProtocolError("range source must not contain NUL")
+        _check_name("range source", self.source)
 
     @property
     def end(self) -> int:
@@ -91,6 +144,12 @@ class SessionOptions:
     fault_around: bool | None = None
     fill: bool | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("fault_around", "fill"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_bool(f"option {name}", v)
+
 
 @dataclass(frozen=True, slots=True)
 class RestoreRequest:
@@ -102,21 +161,39 @@ class RestoreRequest:
     options: SessionOptions = field(default_factory=SessionOptions)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ranges, tuple) or not all(isinstance(r, RangeSpec) for r in self.ranges):
+            raise LocalProtocolError("ranges must be a tuple of RangeSpec")
         if not self.ranges:
             raise LocalProtocolError("a restore needs at least one range")
         if len(self.ranges) > MAX_RANGES:
             raise LocalProtocolError(f"too many ranges ({len(self.ranges)} > {MAX_RANGES})")
+        _check_bool("registered", self.registered)
+        _check_bool("keeps_uffd", self.keeps_uffd)
+        _check_uint("features", self.features)
+        if self.pid is not None:
+            _check_uint("pid", self.pid, _PID_MAX)
+            if self.pid == 0:
+                raise LocalProtocolError("pid must be positive")
+        if not isinstance(self.options, SessionOptions):
+            raise LocalProtocolError("options must be SessionOptions")
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     session: str
 
+    def __post_init__(self) -> None:
+        _check_name("session", self.session)
+
 
 @dataclass(frozen=True, slots=True)
 class Error:
     code: str
     message: str
+
+    def __post_init__(self) -> None:
+        _check_name("code", self.code)
+        _clean_text(self, "message")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +205,26 @@ class Complete:
     faults: int
     seconds: float
 
+    def __post_init__(self) -> None:
+        _check_name("session", self.session)
+        for name in ("pages", "bytes_copied", "bytes_zero", "faults"):
+            _check_uint(name, getattr(self, name))
+        s = self.seconds
+        if not isinstance(s, int | float) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
+            raise LocalProtocolError(f"seconds must be a finite non-negative number, not {s!r}")
+        object.__setattr__(self, "seconds", float(s))
+
 
 @dataclass(frozen=True, slots=True)
 class Failed:
     session: str
     code: str
     message: str
+
+    def __post_init__(self) -> None:
+        _check_name("session", self.session)
+        _check_name("code", self.code)
+        _clean_text(self, "message")
 
 
 Message = RestoreRequest | Accepted | Error | Complete | Failed
@@ -189,25 +280,21 @@ def encode(msg: Message) -> bytes:
 
 # -- decoding ----------------------------------------------------------------
 
+_MISSING: Final[Any] = object()
 
-def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], *, default: Any = ...) -> Any:
-    if key not in m:
-        if default is ...:
+
+def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], *, default: Any = _MISSING) -> Any:
+    """``m[key]`` if it has msgpack type ``kind``; an optional key may be absent or nil."""
+    v = m.get(key)
+    if v is None and (key not in m or default is not _MISSING):
+        if default is _MISSING:
             raise RemoteProtocolError(f"missing field {key!r}")
         return default
-    v = m[key]
-    if isinstance(v, bool) and kind is int:
-        raise RemoteProtocolError(f"field {key!r} must be an integer")
-    if not isinstance(v, kind):
-        want = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass in Python, a type of its own in msgpack.
+    if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+        want = "/".join(k.__name__ for k in kinds)
         raise RemoteProtocolError(f"field {key!r} must be {want}, not {type(v).__name__}")
-    return v
-
-
-def _opt_bool(m: dict[str, Any], key: str) -> bool | None:
-    v = m.get(key)
-    if v is not None and not isinstance(v, bool):
-        raise RemoteProtocolError(f"option {key!r} must be a boolean")
     return v
 
 
@@ -231,16 +318,15 @@ def _from_map(m: dict[str, Any]) -> Message:
                     )
                 )
             raw_opts = _get(m, "options", dict, default={})
-            pid = _get(m, "pid", int, default=None)
             return RestoreRequest(
                 ranges=tuple(ranges),
                 registered=_get(m, "registered", bool, default=False),
                 features=_get(m, "features", int, default=0),
-                pid=pid,
+                pid=_get(m, "pid", int, default=None),
                 keeps_uffd=_get(m, "keeps_uffd", bool, default=False),
                 options=SessionOptions(
-                    fault_around=_opt_bool(raw_opts, "fault_around"),
-                    fill=_opt_bool(raw_opts, "fill"),
+                    fault_around=_get(raw_opts, "fault_around", bool, default=None),
+                    fill=_get(raw_opts, "fill", bool, default=None),
                 ),
             )
         if kind == "accepted":
@@ -254,7 +340,7 @@ def _from_map(m: dict[str, Any]) -> Message:
                 _get(m, "bytes_copied", int),
                 _get(m, "bytes_zero", int),
                 _get(m, "faults", int),
-                float(_get(m, "seconds", (int, float))),
+                _get(m, "seconds", (int, float)),
             )
         if kind == "failed":
             return Failed(_get(m, "session", str), _get(m, "code", str), _get(m, "message", str))
@@ -263,17 +349,26 @@ def _from_map(m: dict[str, Any]) -> Message:
     raise RemoteProtocolError(f"unknown message type {kind!r}")
 
 
+def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    m = dict(pairs)
+    if len(m) != len(pairs):
+        raise RemoteProtocolError("duplicate key in a map")
+    return m
+
+
 def decode_body(body: bytes) -> Message:
     """Decode one frame's payload (without its length header)."""
     try:
-        m = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        m = msgpack.unpackb(body, raw=False, strict_map_key=True, object_pairs_hook=_unique_map)
+    except RemoteProtocolError:
+        raise
     except Exception as e:  # msgpack raises a zoo of types for garbage
-        raise RemoteProtocolError(f"payload is not msgpack: {e}") from None
+        raise RemoteProtocolError(f"payload is not one msgpack object: {type(e).__name__}: {e}") from None
     if not isinstance(m, dict):
-        raise RemoteProtocolError("payload must be a msgpack map")
+        raise RemoteProtocolError(f"payload must be a msgpack map, not {type(m).__name__}")
     version = m.get("v")
-    if version != VERSION:
-        raise RemoteProtocolError(f"unsupported protocol version {version!r} (this daemon speaks {VERSION})", "version")
+    if not _is_int(version) or version != VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version!r} (this side speaks {VERSION})", "version")
     return _from_map(m)
 
 
@@ -283,6 +378,7 @@ class FrameDecoder:
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self._max = max_frame
+        self._error: RemoteProtocolError | None = None
 
     @property
     def pending(self) -> int:
@@ -290,17 +386,25 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Message]:
+        """Append ``data``; return every message completed by it (possibly none)."""
+        if self._error is not None:
+            raise RemoteProtocolError(f"stream already failed: {self._error}", self._error.code)
         self._buf += data
         out: list[Message] = []
-        while len(self._buf) >= _HEADER.size:
-            (n,) = _HEADER.unpack_from(self._buf)
-            if n == 0:
-                raise RemoteProtocolError("empty frame")
-            if n > self._max:
-                raise RemoteProtocolError(f"frame of {n} bytes exceeds the limit of {self._max}", "too_large")
-            if len(self._buf) < _HEADER.size + n:
-                break
-            body = bytes(self._buf[_HEADER.size : _HEADER.size + n])
-            del self._buf[: _HEADER.size + n]
-            out.append(decode_body(body))
+        try:
+            while len(self._buf) >= _HEADER.size:
+                (n,) = _HEADER.unpack_from(self._buf)
+                if n == 0:
+                    raise RemoteProtocolError("empty frame")
+                if n > self._max:
+                    raise RemoteProtocolError(f"frame of {n} bytes exceeds the limit of {self._max}", "too_large")
+                if len(self._buf) < _HEADER.size + n:
+                    break
+                body = bytes(self._buf[_HEADER.size : _HEADER.size + n])
+                del self._buf[: _HEADER.size + n]
+                out.append(decode_body(body))
+        except RemoteProtocolError as e:
+            self._error = e
+            self._buf.clear()
+            raise
         return out
