@@ -56,6 +56,7 @@ class Handoff:
         self.sock = sock
         self.session: str | None = None
         self._decoder = hp.FrameDecoder()
+        self._queue: list[hp.Message] = []  # decoded, not yet returned
         self._uffd: Userfaultfd | None = None
 
     @classmethod
@@ -123,13 +124,14 @@ class Handoff:
         return reply
 
     def _recv(self) -> hp.Message:
-        while True:
+        # One read may carry several replies (accepted and complete of a
+        # small restore): keep the rest for the next call.
+        while not self._queue:
             data = self.sock.recv(65536)
             if not data:
                 raise HandoffError("disconnected", "the daemon closed the connection")
-            msgs = self._decoder.feed(data)
-            if msgs:
-                return msgs[0]
+            self._queue.extend(self._decoder.feed(data))
+        return self._queue.pop(0)
 
     def close(self) -> None:
         """Close the connection. A kept uffd stays open (see the module doc)."""

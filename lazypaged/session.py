@@ -406,11 +406,17 @@ class RestoreSession:
         r = m.region
         i = m.first + ((address - m.start) >> r.shift)
         state = r.bitmap[i]
-        if state == SETTLED:
-            if not self._zero_removed(r, i):
-                page = m.start + ((i - m.first) << r.shift)
-                self.uffd.wake(page, r.page)  # already served: a late duplicate
-        elif state == MISSING:
+        if state == SETTLED and not self._zero_removed(r, i):
+            # A missing-page fault means the page is not there *now*. Mostly
+            # this is a late duplicate of a fault already served; the install
+            # below then finds the page present and just wakes the thread. If
+            # it is truly missing, serving it again beats a wake that would
+            # only make the thread fault forever.
+            r.bitmap[i] = MISSING
+            st.pages_missing += 1
+            self._seq_next = -1
+            state = MISSING
+        if state == MISSING:
             page_addr = m.start + ((i - m.first) << r.shift)
             if self._fault_around:
                 if page_addr == self._seq_next:
@@ -537,15 +543,20 @@ class RestoreSession:
                 else:
                     done = self._copy_zeros(dst, n)
             except _uffd.AlreadyPresent:
-                done = r.page  # installed by someone else (a fork sibling, the restorer)
+                # Installed by someone else (a fork sibling, the restorer, or
+                # us for an earlier duplicate fault): wake whoever waits on it.
+                done = r.page
+                uffd.wake(dst, done)
             except _uffd.Busy:
                 self._pump_events()
                 continue
             except _uffd.RangeGone:
                 done = n  # the mapping went away under us
             cnt = done >> shift
-            if cnt == 0:
-                raise SessionFailed("uffd_copy", f"the kernel installed {done} bytes, less than one page")
+            if not 0 < cnt <= end - pos:
+                raise SessionFailed(
+                    "uffd_copy", f"the kernel reported {done} bytes installed at {dst:#x} for a request of {n}"
+                )
             bm[pos : pos + cnt] = _ONES[:cnt] if cnt <= len(_ONES) else b"\x01" * cnt
             st.pages_missing -= cnt
             pos += cnt
