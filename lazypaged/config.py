@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,25 +98,34 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
 
 
 def _apply(obj: Any, table: dict[str, Any], section: str) -> Any:
-    known = {f.name: f for f in fields(obj)}
+    known = {f.name for f in fields(obj) if not is_dataclass(getattr(obj, f.name))}
     changes: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in known or key == "session":
+        if key not in known:
             raise ConfigError(f"unknown setting {section}{key}")
         changes[key] = _coerce(section, key, getattr(obj, key), value)
     return replace(obj, **changes)
 
 
+def _sections() -> set[str]:
+    """TOML tables besides [daemon]: one per dataclass-valued field of Config."""
+    base = Config()
+    return {f.name for f in fields(base) if is_dataclass(getattr(base, f.name))}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    daemon = data.get("daemon", {})
-    session = data.get("session", {})
-    unknown = set(data) - {"daemon", "session"}
+    """Build a Config from parsed TOML: [daemon] sets the top-level fields,
+    every other table sets the section dataclass of the same name."""
+    sections = _sections()
+    unknown = set(data) - sections - {"daemon"}
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
-    if not isinstance(daemon, dict) or not isinstance(session, dict):
-        raise ConfigError("[daemon] and [session] must be tables")
-    cfg = _apply(Config(), daemon, "daemon.")
-    cfg = replace(cfg, session=_apply(SessionConfig(), session, "session."))
+    for name, table in data.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] must be a table")
+    cfg = _apply(Config(), data.get("daemon", {}), "daemon.")
+    changes = {name: _apply(getattr(cfg, name), data[name], f"{name}.") for name in sections if name in data}
+    cfg = replace(cfg, **changes)
     validated: Config = cfg.validate()
     return validated
 

@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 
@@ -37,12 +38,26 @@ from .sessions import SessionTable
 from .sources.registry import SourceRegistry
 
 
+class Listener(Protocol):
+    """Anything the daemon starts and stops with itself: the handoff socket,
+    other handoff dialects, control and metrics endpoints, peer exports."""
+
+    async def start(self) -> None: ...
+
+    def stop_accepting(self) -> None: ...
+
+    async def close_connections(self) -> None: ...
+
+
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.registry = SourceRegistry(cfg.snapshot_dirs)
         self.sessions = SessionTable(self.registry)
         self.handoff = HandoffServer(cfg, self.registry, self.sessions)
+        #: Started in this order after the handoff socket; stopped with it.
+        #: Each optional listener is appended here when its config enables it.
+        self.listeners: list[Listener] = []
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -62,6 +77,8 @@ class Daemon:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self.handoff.start(_inherited_socket())
+            for listener in self.listeners:
+                await listener.start()
             notify("READY=1\nSTATUS=listening")
             self.ready.set()
             if on_ready is not None:
@@ -77,6 +94,8 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.handoff.stop_accepting()
+        for listener in self.listeners:
+            listener.stop_accepting()
         deadline = asyncio.get_running_loop().time() + self.cfg.shutdown_grace
         while self.sessions.running():
             remaining = deadline - asyncio.get_running_loop().time()
@@ -102,6 +121,8 @@ class Daemon:
                 _kill(s.pid)
             s.abandon()
         await self.handoff.close_connections()
+        for listener in self.listeners:
+            await listener.close_connections()
         self.log.info("stopped", finished_sessions=self.sessions.finished)
 
     async def _wait_change(self, seconds: float) -> None:
