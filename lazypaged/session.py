@@ -486,7 +486,8 @@ class RestoreSession:
         self._install_extents(r, r.source.extents(src_off, (j - i) << r.shift), MISSING)
 
     async def _fetch_install(self, r: Region, i: int, j: int, *, fault: bool) -> None:
-        extents = await r.source.fetch(r.offset + (i << r.shift), (j - i) << r.shift)
+        fetch = r.source.fetch_urgent if fault else r.source.fetch
+        extents = await fetch(r.offset + (i << r.shift), (j - i) << r.shift)
         if self.outcome is not None:
             return
         st = self.stats

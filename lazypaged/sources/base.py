@@ -45,8 +45,13 @@ class PageSource(ABC):
         """Cover [offset, offset+length) with extents, in order, synchronously."""
 
     async def fetch(self, offset: int, length: int) -> list[Extent]:
-        """Like :meth:`extents`, for sources that must wait."""
+        """Like :meth:`extents`, for sources that must wait (background fill)."""
         return self.extents(offset, length)
+
+    async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
+        """:meth:`fetch` for a faulting thread: a source with queues (a remote
+        peer) must put this ahead of every background fetch."""
+        return await self.fetch(offset, length)
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
