@@ -189,13 +189,13 @@ def test_decompression_does_not_block_the_loop(
     tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _make(tmp_path, image, "zstd")
-    orig = SnapshotReader.chunk
+    orig = SnapshotReader.chunk_into
 
-    def slow_chunk(self: SnapshotReader, i: int) -> bytes:
+    def slow_chunk(self: SnapshotReader, i: int, out: bytearray | memoryview) -> None:
         time.sleep(0.2)
-        return orig(self, i)
+        orig(self, i, out)
 
-    monkeypatch.setattr(SnapshotReader, "chunk", slow_chunk)
+    monkeypatch.setattr(SnapshotReader, "chunk_into", slow_chunk)
 
     async def main() -> None:
         src = CompressedSnapshotSource(SnapshotReader(path), workers=2)

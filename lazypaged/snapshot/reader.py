@@ -100,41 +100,68 @@ class SnapshotReader:
 
     def chunk(self, i: int) -> bytes:
         """Chunk ``i``'s bytes, decompressed and checksum-verified; ChunkError otherwise."""
+        buf = bytearray(self.index.chunks[i].length)
+        self.chunk_into(i, buf)
+        return bytes(buf)
+
+    def chunk_into(self, i: int, out: bytearray | memoryview) -> None:
+        """Decode chunk ``i`` into the start of ``out`` and verify it; ChunkError otherwise.
+
+        Decoding into a caller's buffer lets sources recycle buffers: a fresh
+        allocation per chunk costs more (page faults) than zstd itself."""
         c = self.index.chunks[i]
+        dst = memoryview(out)[: c.length]
+        if len(dst) != c.length:
+            raise ValueError(f"buffer of {len(out)} bytes is too small for chunk {i}")
         if c.kind == ChunkKind.ZERO:
-            return bytes(c.length)
-        if self._fd < 0:
-            raise self.error(i, "snapshot is closed")
-        try:
-            frame = os.pread(self._fd, c.frame_size, c.frame_offset)
-        except OSError as e:
-            raise self.error(i, f"read failed: {e.strerror}") from None
-        if len(frame) != c.frame_size:
-            raise self.error(i, f"short read ({len(frame)} of {c.frame_size} bytes): file truncated while open?")
+            dst[:] = bytes(c.length)
+            return
+        frame = self._read_frame(i, c)
         if c.kind == ChunkKind.RAW:
             if frame[: c.data_offset] != zf.raw_frame_prefix(c.length):
                 raise self.error(i, "raw frame header damaged")
-            data = frame[c.data_offset :]
+            dst[:] = frame[c.data_offset :]
         else:
-            data = self._decompress(i, c, frame)
-        self.check(i, data)
-        return data
+            self._decompress_into(i, c, frame, dst)
+        self.check(i, dst)
 
-    def _decompress(self, i: int, c: Chunk, frame: bytes) -> bytes:
+    def _read_frame(self, i: int, c: Chunk) -> memoryview:
+        """The chunk's frame, read into this thread's reusable frame buffer."""
+        if self._fd < 0:
+            raise self.error(i, "snapshot is closed")
+        buf: bytearray | None = getattr(self._local, "frame", None)
+        if buf is None or len(buf) < c.frame_size:
+            buf = self._local.frame = bytearray(c.frame_size)
+        view = memoryview(buf)[: c.frame_size]
+        try:
+            n = os.preadv(self._fd, [view], c.frame_offset)
+        except OSError as e:
+            raise self.error(i, f"read failed: {e.strerror}") from None
+        if n != c.frame_size:
+            raise self.error(i, f"short read ({n} of {c.frame_size} bytes): file truncated while open?")
+        return view
+
+    def _decompress_into(self, i: int, c: Chunk, frame: memoryview, dst: memoryview) -> None:
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
         try:
-            # Never let a frame claim more than the chunk: cap the output.
+            # A frame must declare exactly the chunk's size, and deliver it.
             params = zstandard.get_frame_parameters(frame)
             if params.content_size != c.length:
                 raise self.error(i, f"frame declares {params.content_size} bytes, the index says {c.length}")
-            data = dctx.decompress(frame, max_output_size=c.length)
+            n = 0
+            with dctx.stream_reader(frame) as r:
+                while n < c.length:
+                    k = r.readinto(dst[n:])
+                    if not k:
+                        break
+                    n += k
+                extra = len(r.read(1))  # also makes zstd finish (and check) the frame
         except zstandard.ZstdError as e:
             raise self.error(i, f"zstd: {e}") from None
-        if len(data) != c.length:
-            raise self.error(i, f"decompressed to {len(data)} bytes, the index says {c.length}")
-        return data
+        if n != c.length or extra:
+            raise self.error(i, f"decompressed to {n + extra}{'+' * extra} bytes, the index says {c.length}")
 
     def check(self, i: int, data: bytes | bytearray | memoryview) -> None:
         """Raise ChunkError unless ``data`` matches chunk ``i``'s checksum."""
@@ -153,9 +180,11 @@ class SnapshotReader:
             try:
                 if c.kind == ChunkKind.ZERO:
                     # Never served from the frame, but `zstd -d` reads it: it must be zeros too.
-                    frame = os.pread(self._fd, c.frame_size, c.frame_offset)
+                    frame = self._read_frame(i, c)
                     zeros = zero_cache.setdefault(c.length, bytes(c.length))
-                    if self._decompress(i, c, frame) != zeros:
+                    out = bytearray(c.length)
+                    self._decompress_into(i, c, frame, memoryview(out))
+                    if out != zeros:
                         raise self.error(i, "zero chunk's frame does not decode to zeros")
                     yield c.length
                     continue

@@ -5,10 +5,12 @@ or more chunks. Zero pages (from the index's bitmap) become zero extents and
 need no chunk data at all. Every other page is served from its chunk's bytes,
 and a chunk's bytes are only ever handed out after its checksum matched:
 
-- compressed layout: the chunk is read and decompressed in a thread pool
-  (zstd and ``pread`` release the GIL, so the event loop keeps serving other
-  sessions), verified, and kept in a small LRU cache. The extents point into
-  the ``bytes`` object, which rides along as ``Extent.owner``;
+- compressed layout: the chunks of a request are read and decompressed in a
+  thread pool, one batch per worker (zstd and ``pread`` release the GIL, so
+  the event loop keeps serving other sessions), verified, and kept in a
+  small LRU cache. Chunks are decoded into recycled buffers; the extents
+  point into them and hold them as ``Extent.owner``, so a buffer is reused
+  only once no extent and no cache entry refers to it;
 - raw layout: the chunk is already page-aligned in the file, so extents point
   into a read-only mapping of it (zero-copy). Each chunk is hashed from the
   mapping the first time it is used and remembered as verified.
@@ -25,7 +27,7 @@ import ctypes
 import functools
 import mmap
 import os
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 
 from ..snapshot.format import ChunkKind
@@ -36,15 +38,10 @@ from .raw import _map, _munmap
 #: Decompressed chunks kept: at the 64 KiB default, 16 MiB of recent data, which
 #: covers a sequential reader's chunk plus readahead without holding much memory.
 DEFAULT_CACHE_BYTES = 16 << 20
+#: Free buffers kept beyond the cache: enough for the decodes of a few fills in flight.
+_SPARE_BUFFERS = 64
 #: Decompression threads per source; the machine has few cores to share.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
-
-
-def buffer_address(buf: bytes) -> int:
-    """Address of a bytes object's contents; valid while ``buf`` is alive."""
-    addr = ctypes.cast(ctypes.c_char_p(buf), ctypes.c_void_p).value
-    assert addr is not None
-    return addr
 
 
 class _SnapshotSourceBase(PageSource):
@@ -106,6 +103,46 @@ def _add(out: list[Extent], e: Extent) -> None:
         out.append(e)
 
 
+class _ChunkBuffer:
+    """One decoded chunk. Extents hold it as their owner; when the last one
+    lets go, its memory goes back to the pool for the next decode."""
+
+    __slots__ = ("address", "data", "pool")
+
+    def __init__(self, data: bytearray, pool: _BufferPool) -> None:
+        self.data = data
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        self.pool = pool
+
+    def __del__(self) -> None:
+        self.pool.give_back(self.data)
+
+
+class _BufferPool:
+    """Recycled chunk-sized buffers: a fresh 64 KiB allocation page-faults its
+    way in and costs more CPU than decompressing into it."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: deque[bytearray] = deque()
+
+    def take(self) -> _ChunkBuffer:
+        try:
+            data = self._free.pop()
+        except IndexError:
+            data = bytearray(self.size)
+        return _ChunkBuffer(data, self)
+
+    def give_back(self, data: bytearray) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(data)
+
+    def clear(self) -> None:
+        self.keep = 0
+        self._free.clear()
+
+
 class CompressedSnapshotSource(_SnapshotSourceBase):
     """A zstd-compressed snapshot, decompressed chunk by chunk off the event loop."""
 
@@ -119,33 +156,34 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         super().__init__(reader)
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_limit = cache_bytes
-        self._inflight: dict[int, asyncio.Future[bytes]] = {}
+        chunk = reader.header.chunk_size
+        self._cache: OrderedDict[int, _ChunkBuffer] = OrderedDict()
+        self._cache_chunks = max(1, cache_bytes // chunk)
+        self._buffers = _BufferPool(chunk, self._cache_chunks + _SPARE_BUFFERS)
+        self._inflight: dict[int, asyncio.Future[_ChunkBuffer]] = {}
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.chunks_decoded = 0
 
-    def _cached(self, i: int) -> bytes | None:
+    @property
+    def _cache_bytes(self) -> int:
+        return len(self._cache) * self._buffers.size
+
+    def _cached(self, i: int) -> _ChunkBuffer | None:
         buf = self._cache.get(i)
         if buf is not None:
             self._cache.move_to_end(i)
         return buf
 
-    def _remember(self, i: int, buf: bytes) -> None:
-        if i in self._cache:
-            return
+    def _remember(self, i: int, buf: _ChunkBuffer) -> None:
         self._cache[i] = buf
-        self._cache_bytes += len(buf)
-        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-            _, old = self._cache.popitem(last=False)
-            self._cache_bytes -= len(old)
+        self._cache.move_to_end(i)
+        while len(self._cache) > self._cache_chunks:
+            self._cache.popitem(last=False)
 
-    def _decode(self, i: int) -> bytes:
-        buf = self.reader.chunk(i)  # raises ChunkError before anything is returned
+    def _decode(self, i: int, buf: _ChunkBuffer) -> None:
+        self.reader.chunk_into(i, buf.data)  # raises ChunkError before anything is returned
         self.chunks_decoded += 1
-        return buf
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         bufs: dict[int, tuple[int, object]] = {}
@@ -154,14 +192,17 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
                 continue
             buf = self._cached(i)
             if buf is None:
-                buf = self._decode(i)
+                self._check_open()
+                buf = self._buffers.take()
+                self._decode(i, buf)
                 self._remember(i, buf)
-            bufs[i] = (buffer_address(buf), buf)
+            bufs[i] = (buf.address, buf)
         return self._build(offset, length, bufs)
 
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         loop = asyncio.get_running_loop()
-        wanted: dict[int, asyncio.Future[bytes] | bytes] = {}
+        wanted: dict[int, _ChunkBuffer | asyncio.Future[_ChunkBuffer]] = {}
+        new: list[tuple[int, asyncio.Future[_ChunkBuffer]]] = []
         for i in self._chunks_for(offset, length):
             if self.reader.index.chunks[i].kind == ChunkKind.ZERO:
                 continue
@@ -172,28 +213,74 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
             fut = self._inflight.get(i)
             if fut is None:
                 # Several faults on one chunk share one decompression.
-                fut = self._inflight[i] = asyncio.ensure_future(loop.run_in_executor(self._executor(), self._decode, i))
-                fut.add_done_callback(functools.partial(self._settle, i))
+                fut = self._inflight[i] = loop.create_future()
+                new.append((i, fut))
             wanted[i] = fut
-        bufs: dict[int, tuple[int, object]] = {}
-        pending = [f for f in wanted.values() if not isinstance(f, bytes)]
+        if new:
+            self._dispatch(loop, new)
+        pending = [f for f in wanted.values() if isinstance(f, asyncio.Future)]
         if pending:
-            # Wait for all, so no decode is left running unobserved, then fail on the first error.
             await asyncio.wait(pending)
+        bufs: dict[int, tuple[int, object]] = {}
         for i, f in wanted.items():
-            buf = f if isinstance(f, bytes) else f.result()
-            bufs[i] = (buffer_address(buf), buf)
+            buf = f.result() if isinstance(f, asyncio.Future) else f
+            bufs[i] = (buf.address, buf)
         return self._build(offset, length, bufs)
 
-    def _settle(self, i: int, fut: asyncio.Future[bytes]) -> None:
-        self._inflight.pop(i, None)
-        if not fut.cancelled() and fut.exception() is None:
-            self._remember(i, fut.result())
+    def _dispatch(self, loop: asyncio.AbstractEventLoop, new: list[tuple[int, asyncio.Future[_ChunkBuffer]]]) -> None:
+        """Hand the chunks to the pool in one batch per worker: per-chunk jobs
+        would cost the event loop more in handoffs than the decoding saves."""
+        pool = self._executor()
+        per = -(-len(new) // min(self._workers, len(new)))
+        for k in range(0, len(new), per):
+            batch = new[k : k + per]
+            bufs = [self._buffers.take() for _ in batch]
+            job = loop.run_in_executor(pool, self._decode_batch, [i for i, _ in batch], bufs)
+            job.add_done_callback(functools.partial(self._settle, batch, bufs))
+
+    def _decode_batch(self, chunks: list[int], bufs: list[_ChunkBuffer]) -> list[SourceError | None]:
+        errors: list[SourceError | None] = []
+        for i, buf in zip(chunks, bufs, strict=True):
+            try:
+                self._decode(i, buf)
+                errors.append(None)
+            except SourceError as e:
+                errors.append(e)
+        return errors
+
+    def _settle(
+        self,
+        batch: list[tuple[int, asyncio.Future[_ChunkBuffer]]],
+        bufs: list[_ChunkBuffer],
+        job: asyncio.Future[list[SourceError | None]],
+    ) -> None:
+        if job.cancelled():
+            outcome: list[BaseException | None] = [SourceError(f"{self.name}: source closed while decoding")] * len(
+                batch
+            )
+        elif (exc := job.exception()) is not None:
+            outcome = [exc] * len(batch)
+        else:
+            outcome = list(job.result())
+        for (i, fut), buf, err in zip(batch, bufs, outcome, strict=True):
+            if self._inflight.get(i) is fut:
+                del self._inflight[i]
+            if fut.done():
+                continue
+            if err is None:
+                self._remember(i, buf)
+                fut.set_result(buf)
+            else:
+                fut.set_exception(err)
+                fut.exception()  # every waiter sees it; none left unretrieved if nobody waits
+
+    def _check_open(self) -> None:
+        if self.reader.fd < 0:
+            raise SourceError(f"{self.name}: source is closed")
 
     def _executor(self) -> ThreadPoolExecutor:
+        self._check_open()
         if self._pool is None:
-            if self.reader.fd < 0:
-                raise SourceError(f"{self.name}: source is closed")
             self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="lzpg-dec")
         return self._pool
 
@@ -202,7 +289,7 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._cache.clear()
-        self._cache_bytes = 0
+        self._buffers.clear()
         super().close()
 
 
