@@ -180,6 +180,7 @@ class RestoreSession:
         fill: bool | None = None,
         log: Any = None,
         host: SessionHost | None = None,
+        fill_paused: bool = False,
     ) -> None:
         self.id = sid
         self.kind = kind
@@ -206,6 +207,9 @@ class RestoreSession:
         self._pidfd = pidfd
         self._fault_around = cfg.fault_around if fault_around is None else fault_around
         self._fill_enabled = cfg.fill if fill is None else fill
+        #: Fill waits for :meth:`start_fill` (CRIU: only after end-of-restore).
+        self._fill_paused = fill_paused
+        self._fill_started = False
         self._window = 0  # current fault-around window, bytes
         self._seq_next = -1
         self._fill_region = 0
@@ -245,8 +249,8 @@ class RestoreSession:
             self._readers.append(self._pidfd)
         self._on_readable()  # faults that arrived before we listened
         self._check_complete()
-        if self._fill_enabled and self.outcome is None:
-            self._spawn(self._fill())
+        if not self._fill_paused:
+            self.start_fill()
         try:
             return await asyncio.shield(self._done)
         finally:
@@ -255,6 +259,13 @@ class RestoreSession:
             for t in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+
+    def start_fill(self) -> None:
+        """Begin streaming the remaining pages (once; faults are served anyway)."""
+        self._fill_paused = False
+        if self._fill_enabled and not self._fill_started and self.outcome is None and self._loop is not None:
+            self._fill_started = True
+            self._spawn(self._fill())
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
