@@ -3,14 +3,33 @@
 This is the thin asyncio layer around ``handoff_protocol``: it moves bytes
 and file descriptors, checks the request against the daemon's limits and the
 target's address space, and reports the session's end to the restorer.
+
+Rules of this file:
+
+* A connection that does not become a session gets exactly one ``error``
+  reply (when the peer can still read it) and one ``handoff_refused`` log
+  line with the same code. Nothing a client sends may escape as an
+  exception: what is not a known refusal is logged as ``handoff_bug`` and
+  refused as ``internal_error``, and the listener keeps serving.
+* Every descriptor received is either owned by a session or closed before
+  the connection's task ends, on every path.
+* Registrations made for a request that is then refused are undone, so the
+  restorer's memory is as it was before the handoff.
+* Accepting is paused, never spun: when ``MAX_PENDING`` connections still
+  owe their request, or accept() fails for lack of descriptors or memory,
+  the listening socket is taken off the loop and later connections wait in
+  the kernel's backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import itertools
 import os
+import select
 import socket
 import uuid
 from typing import Any
@@ -22,20 +41,59 @@ from . import uffd as _uffd
 from .config import Config
 from .session import PAGE, Mapping, Region, RestoreSession
 from .sessions import SessionTable
-from .sources import SourceError
+from .sources import PageSource, SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
-from .unixsock import listen_unix, peer_cred, recv_fds
+from .unixsock import AncillaryTruncated, PeerCred, listen_unix, peer_cred, recv_fds
 
-#: Event features whose handling this version implements; a restorer that
-#: negotiated others (fork, remap) would see them mishandled, so it is refused.
-SUPPORTED_EVENTS = _uffd.abi.UFFD_FEATURE_EVENT_REMOVE | _uffd.abi.UFFD_FEATURE_EVENT_UNMAP
-_EVENT_FEATURES = (
-    _uffd.abi.UFFD_FEATURE_EVENT_FORK
-    | _uffd.abi.UFFD_FEATURE_EVENT_REMAP
-    | _uffd.abi.UFFD_FEATURE_EVENT_REMOVE
-    | _uffd.abi.UFFD_FEATURE_EVENT_UNMAP
+_abi = _uffd.abi
+
+#: Event features whose handling the session implements (see session.py); a
+#: restorer that negotiated others would see them mishandled, so it is refused.
+SUPPORTED_EVENTS = (
+    _abi.UFFD_FEATURE_EVENT_FORK
+    | _abi.UFFD_FEATURE_EVENT_REMAP
+    | _abi.UFFD_FEATURE_EVENT_REMOVE
+    | _abi.UFFD_FEATURE_EVENT_UNMAP
 )
-_NEEDED_IOCTLS = (1 << _uffd.abi._UFFDIO_COPY) | (1 << _uffd.abi._UFFDIO_ZEROPAGE)
+_EVENT_FEATURES = (
+    _abi.UFFD_FEATURE_EVENT_FORK
+    | _abi.UFFD_FEATURE_EVENT_REMAP
+    | _abi.UFFD_FEATURE_EVENT_REMOVE
+    | _abi.UFFD_FEATURE_EVENT_UNMAP
+)
+#: Features under which the daemon cannot serve at all: with SIGBUS the kernel
+#: signals the target on a missing page instead of sending us the fault.
+_UNSERVABLE = _abi.UFFD_FEATURE_SIGBUS
+#: Kernel-internal bit that /proc fdinfo shows in a uffd's features once
+#: UFFDIO_API has run on it (Linux 6.1 and later; see ``_api_done``).
+_FEATURE_INITIALIZED = 1 << 31
+_NEEDED_IOCTLS = (1 << _abi._UFFDIO_COPY) | (1 << _abi._UFFDIO_ZEROPAGE)
+
+#: Connections accepted that have not delivered their request yet. Each
+#: costs a descriptor and a task; a restorer sends its request right after
+#: connecting, so a burst of real ones never comes near this. Above it the
+#: daemon stops accepting and later connections wait in the listen backlog
+#: (they are delayed, not refused) while the idle ones run into
+#: ``request_timeout``: an idle-connection flood cannot use up descriptors
+#: that sessions need.
+MAX_PENDING = 64
+#: Accepting resumes once this few are pending: with some hysteresis a
+#: sustained flood pauses and resumes (and logs) once per batch, not per
+#: connection.
+RESUME_PENDING = MAX_PENDING * 3 // 4
+#: After accept() failed for want of descriptors or memory, wait before
+#: trying again (the listening socket stays readable, so retrying at once
+#: would spin a CPU and flood the log): first this long, doubling while it
+#: keeps failing, up to ``ACCEPT_RETRY_MAX``. A connection that finishes its
+#: handshake frees a descriptor and retries at once.
+ACCEPT_RETRY_DELAY = 0.1
+ACCEPT_RETRY_MAX = 2.0
+#: Descriptors received with one message. The protocol wants one; room for a
+#: few more lets a client that sent two get ``too_many_fds`` rather than a
+#: truncation (more than this many is refused as ``malformed``).
+MAX_FDS = 4
+#: A refusal message quotes client-supplied names; keep the reply small.
+_MAX_ERROR_TEXT = 2048
 
 
 class Refused(Exception):
@@ -54,19 +112,28 @@ class HandoffServer:
         self.log = structlog.get_logger().bind(listener="handoff")
         self._sock: socket.socket | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        self._pending = 0
+        self._accepting = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = ACCEPT_RETRY_DELAY
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on the configured path (or an inherited listening socket)."""
         self._sock = sock or listen_unix(self.cfg.handoff_socket, self.cfg.socket_mode)
         self._sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        self._resume_accepting()
         self.log.info("listening", path=str(self.cfg.handoff_socket))
 
     def stop_accepting(self) -> None:
         sock, self._sock = self._sock, None
         if sock is None:
             return
-        asyncio.get_running_loop().remove_reader(sock.fileno())
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._accepting:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            self._accepting = False
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.cfg.handoff_socket.unlink()
@@ -76,67 +143,124 @@ class HandoffServer:
             t.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
 
+    # -- accepting ---------------------------------------------------------------
     def _accept(self) -> None:
-        assert self._sock is not None
-        while True:
+        loop = asyncio.get_running_loop()
+        while self._sock is not None:
+            if self._pending >= MAX_PENDING:
+                self._pause_accepting("too many connections still owe their request", None)
+                return
             try:
                 conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:
-                self.log.error("accept_failed", error=str(e))
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays queued.
+                delay, self._retry_delay = self._retry_delay, min(self._retry_delay * 2, ACCEPT_RETRY_MAX)
+                self._pause_accepting(f"accept failed: {e.strerror}", delay)
                 return
-            conn.setblocking(False)
-            task = asyncio.get_running_loop().create_task(self._serve(conn))
+            self._retry_delay = ACCEPT_RETRY_DELAY
+            self._pending += 1
+            task = loop.create_task(self._serve(conn))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
+
+    def _pause_accepting(self, reason: str, retry_after: float | None) -> None:
+        if self._sock is None or not self._accepting:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._sock.fileno())
+        self._accepting = False
+        self.log.warning("accept_paused", reason=reason, pending=self._pending, retry_s=retry_after)
+        if retry_after is not None:
+            self._retry = loop.call_later(retry_after, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._sock is None or self._accepting or self._pending >= MAX_PENDING:
+            return
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        self._accepting = True
+
+    def _request_done(self) -> None:
+        self._pending -= 1
+        if not self._accepting and self._pending <= RESUME_PENDING:
+            self._resume_accepting()
 
     # -- one connection -------------------------------------------------------
     async def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                cred = peer_cred(conn)
-            except OSError:
-                return
-            log = self.log.bind(peer_pid=cred.pid, peer_uid=cred.uid)
+                await self._serve_connection(conn)
+            except Exception as e:  # a bug: log it as one, keep the listener serving
+                self.log.error("handoff_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
+
+    async def _serve_connection(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            session = await self._handshake(conn)
+        finally:
+            self._request_done()
+        if session is None:
+            return
+        await self._send(conn, hp.Accepted(session.id))
+        session.log.info(
+            "session_started",
+            ranges=len(session.mappings),
+            bytes=sum(m.end - m.start for m in session.mappings),
+            sources=sorted({r.source.name for r in session.regions}),
+        )
+        outcome = await session.run()
+        if outcome.state == "complete":
+            st = session.stats
+            reply: hp.Message = hp.Complete(
+                session.id, st.pages_total, st.bytes_copied, st.bytes_zero, st.faults, st.seconds
+            )
+        else:
+            reply = hp.Failed(session.id, outcome.code, outcome.message)
+        await self._send(conn, reply)
+
+    async def _handshake(self, conn: socket.socket) -> RestoreSession | None:
+        """Read and check the request; a running session, or None once refused."""
+        try:
+            cred = peer_cred(conn)
+        except OSError:
+            return None  # the peer is gone already: nobody to answer
+        log = self.log.bind(peer_pid=cred.pid, peer_uid=cred.uid)
+        try:
             fd = -1
             try:
                 req, fd = await asyncio.wait_for(self._read_request(conn), self.cfg.request_timeout)
-                session = self._start_session(req, fd, cred.pid, log)
+                session = self._start_session(req, fd, cred, log)
                 fd = -1  # owned by the session now
-            except TimeoutError:
-                log.warning("handoff_refused", code="timeout", error="no complete request in time")
-                await self._send(conn, hp.Error("timeout", f"no complete request within {self.cfg.request_timeout} s"))
-                return
-            except (hp.ProtocolError, Refused) as e:
-                log.warning("handoff_refused", code=e.code, error=str(e))
-                await self._send(conn, hp.Error(e.code, str(e)))
-                return
-            except ConnectionError as e:
-                log.warning("handoff_refused", code="malformed", error=str(e))
-                await self._send(conn, hp.Error("malformed", str(e)))
-                return
             finally:
                 if fd >= 0:
                     os.close(fd)
-            await self._send(conn, hp.Accepted(session.id))
-            session.log.info(
-                "session_started",
-                ranges=len(session.regions),
-                bytes=session.stats.pages_total * PAGE,
-                sources=sorted({r.source.name for r in session.regions}),
-            )
-            outcome = await session.run()
-            if outcome.state == "complete":
-                st = session.stats
-                reply: hp.Message = hp.Complete(
-                    session.id, st.pages_total, st.bytes_copied, st.bytes_zero, st.faults, st.seconds
-                )
+        except TimeoutError:
+            code, text = "timeout", f"no complete request within {self.cfg.request_timeout} s of connecting"
+        except (hp.ProtocolError, Refused) as e:
+            code, text = e.code, str(e)
+        except AncillaryTruncated as e:
+            if e.received >= MAX_FDS:
+                code, text = "malformed", f"more than {MAX_FDS} file descriptors attached, expected one userfaultfd"
             else:
-                reply = hp.Failed(session.id, outcome.code, outcome.message)
-            await self._send(conn, reply)
+                code, text = "busy", "the daemon ran out of file descriptors receiving yours; retry later"
+        except ConnectionError as e:
+            code, text = "malformed", f"connection failed before a complete request: {e}"
+        except Exception as e:
+            log.error("handoff_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
+            code, text = "internal_error", f"{type(e).__name__}: {e}"
+        else:
+            return session
+        text = text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
+        log.warning("handoff_refused", code=code, error=text)
+        await self._send(conn, hp.Error(code, text))
+        return None
 
     async def _send(self, conn: socket.socket, msg: hp.Message) -> None:
+        """Best effort: a restorer that hung up does not hear from us."""
         with contextlib.suppress(OSError):
             await asyncio.get_running_loop().sock_sendall(conn, hp.encode(msg))
 
@@ -145,7 +269,7 @@ class HandoffServer:
         fds: list[int] = []
         try:
             while True:
-                data, got = await recv_fds(conn, 65536, 4)
+                data, got = await recv_fds(conn, 65536, MAX_FDS)
                 fds += got
                 if not data:
                     raise hp.RemoteProtocolError("connection closed before a complete request")
@@ -153,7 +277,7 @@ class HandoffServer:
                 if not msgs:
                     continue
                 if len(msgs) > 1 or decoder.pending:
-                    raise hp.RemoteProtocolError("one request per connection")
+                    raise hp.RemoteProtocolError("one request per connection: bytes follow the request frame")
                 (msg,) = msgs
                 if not isinstance(msg, hp.RestoreRequest):
                     raise hp.RemoteProtocolError(f"expected a restore request, got {type(msg).__name__}")
@@ -161,77 +285,55 @@ class HandoffServer:
                     raise Refused("no_fd", "no userfaultfd attached (send it with SCM_RIGHTS)")
                 if len(fds) > 1:
                     raise Refused("too_many_fds", f"{len(fds)} file descriptors attached, expected one userfaultfd")
-                fd = fds.pop()
-                return msg, fd
+                return msg, fds.pop()
         finally:
             for extra in fds:
                 os.close(extra)
 
     # -- validation and registration -------------------------------------------
-    def _start_session(self, req: hp.RestoreRequest, fd: int, peer_pid: int, log: Any) -> RestoreSession:
+    def _start_session(self, req: hp.RestoreRequest, fd: int, cred: PeerCred, log: Any) -> RestoreSession:
+        """Check ``req`` against the daemon and the target; register; build the session.
+
+        Checks run in the order ``docs/handoff.md`` lists their codes. On any
+        failure everything done so far is undone; ``fd`` stays the caller's.
+        """
         if len(self.sessions) >= self.cfg.max_sessions:
             raise Refused("busy", f"the daemon already serves {self.cfg.max_sessions} sessions")
-        _check_is_uffd(fd)
-        unsupported = req.features & _EVENT_FEATURES & ~SUPPORTED_EVENTS
-        if unsupported:
-            raise Refused(
-                "unsupported_feature",
-                f"uffd features {_uffd.abi.feature_names(unsupported)} are not handled by this daemon",
-            )
-        ranges = sorted(req.ranges, key=lambda r: r.start)
-        for r in ranges:
-            if r.start % PAGE or r.length % PAGE or r.offset % PAGE:
-                raise Refused(
-                    "bad_range", f"range {r.start:#x}+{r.length:#x} (offset {r.offset:#x}) is not page-aligned"
-                )
-        for a, b in itertools.pairwise(ranges):
-            if b.start < a.end:
-                raise Refused("overlap", f"ranges {a.start:#x}+{a.length:#x} and {b.start:#x}+{b.length:#x} overlap")
-        mappings: list[Mapping] = []
-        acquired = []
+        features, api_done = _inspect_uffd(fd, req.features, log)
+        ranges = _check_ranges(req.ranges)
+        pid, pidfd = _open_target(req.pid, cred)
+        acquired: list[PageSource] = []
+        registered: list[hp.RangeSpec] = []
+        uffd = _uffd.Userfaultfd(fd, features)
         try:
-            for r in ranges:
-                try:
-                    src = self.registry.acquire(r.source)
-                except UnknownSource as e:
-                    raise Refused("unknown_source", str(e)) from None
-                except ForbiddenSource as e:
-                    raise Refused("forbidden_source", str(e)) from None
-                except SourceError as e:
-                    raise Refused("source_error", str(e)) from None
-                acquired.append(src)
-                if r.offset + r.length > src.size:
-                    raise Refused(
-                        "bad_range",
-                        f"range {r.start:#x}+{r.length:#x} at offset {r.offset:#x} runs past the end of "
-                        f"{r.source!r} ({src.size} bytes)",
-                    )
-                mappings.append(Mapping(r.start, r.end, Region(src, r.offset, r.length // PAGE), 0))
-            uffd = _uffd.Userfaultfd(fd, req.features)
+            mappings = [self._mapping(r, acquired) for r in ranges]
             if not req.registered:
-                _register_all(uffd, ranges)
+                if api_done is False:
+                    raise Refused("register_failed", "UFFDIO_API was never called on the attached userfaultfd")
+                _register_all(uffd, ranges, registered)
+            sid = uuid.uuid4().hex[:12]
+            session = RestoreSession(
+                sid,
+                uffd,
+                mappings,
+                self.cfg.session,
+                kind="native",
+                pid=pid,
+                pidfd=pidfd,
+                fault_around=req.options.fault_around,
+                fill=req.options.fill,
+                log=structlog.get_logger().bind(session=sid, kind="native", pid=pid),
+                host=self.sessions,
+            )
         except BaseException:
+            for r in registered:
+                with contextlib.suppress(_uffd.UffdError):
+                    uffd.unregister(r.start, r.length)
             for src in acquired:
                 self.registry.release(src)
+            if pidfd is not None:
+                os.close(pidfd)
             raise
-        pid = req.pid if req.pid is not None else peer_pid
-        pidfd = None
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(pid)
-        sid = uuid.uuid4().hex[:12]
-        session = RestoreSession(
-            sid,
-            uffd,
-            mappings,
-            self.cfg.session,
-            kind="native",
-            pid=pid,
-            pidfd=pidfd,
-            fault_around=req.options.fault_around,
-            fill=req.options.fill,
-            log=structlog.get_logger().bind(session=sid, kind="native", pid=pid),
-            host=self.sessions,
-        )
         session.keeps_uffd = req.keeps_uffd
 
         def ended(s: RestoreSession) -> None:
@@ -248,37 +350,194 @@ class HandoffServer:
         self.sessions.add(session)
         return session
 
+    def _mapping(self, r: hp.RangeSpec, acquired: list[PageSource]) -> Mapping:
+        """Open ``r``'s snapshot (appended to ``acquired``) and place it at ``r.start``."""
+        try:
+            src = self.registry.acquire(r.source)
+        except UnknownSource as e:
+            raise Refused("unknown_source", str(e)) from None
+        except ForbiddenSource as e:
+            raise Refused("forbidden_source", str(e)) from None
+        except SourceError as e:
+            raise Refused("source_error", str(e)) from None
+        acquired.append(src)
+        if r.offset + r.length > src.size:
+            raise Refused(
+                "bad_range",
+                f"range {r.start:#x}+{r.length:#x} at offset {r.offset:#x} runs past the end of "
+                f"{r.source!r} ({src.size} bytes)",
+            )
+        ps = r.page_size or PAGE
+        return Mapping(r.start, r.end, Region(src, r.offset, r.length // ps, page=ps), 0)
 
-def _check_is_uffd(fd: int) -> None:
+
+def _inspect_uffd(fd: int, declared: int, log: Any) -> tuple[int, bool | None]:
+    """Check that ``fd`` is a userfaultfd we can serve; make it non-blocking.
+
+    Returns the features it was really negotiated with (from the kernel when
+    it says, else the ``declared`` ones) and whether UFFDIO_API ran on it
+    (None when this kernel does not tell).
+    """
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
     except OSError as e:
         raise Refused("bad_fd", f"cannot inspect the attached fd: {e.strerror}") from None
     if target != "anon_inode:[userfaultfd]":
         raise Refused("bad_fd", f"the attached fd is {target!r}, not a userfaultfd")
+    features, api_done = declared, None
+    kernel = _fdinfo_features(fd)
+    if kernel is not None:
+        features = kernel & ~_FEATURE_INITIALIZED
+        if _api_done_visible():
+            api_done = bool(kernel & _FEATURE_INITIALIZED)
+        if api_done is not False and features != declared:
+            # Trust the kernel: serving with the wrong set would mishandle events.
+            log.warning(
+                "uffd_features_mismatch",
+                declared=_abi.feature_names(declared),
+                negotiated=_abi.feature_names(features),
+            )
+    unsupported = (features & _EVENT_FEATURES & ~SUPPORTED_EVENTS) | (features & _UNSERVABLE)
+    if unsupported:
+        raise Refused(
+            "unsupported_feature",
+            f"uffd features {_abi.feature_names(unsupported)} are not handled by this daemon",
+        )
+    # Every read of the uffd happens on the event loop: a blocking one would
+    # stall the whole daemon at the first read with nothing queued. The flag
+    # lives on the open file, so the restorer's copy turns non-blocking too.
+    if os.get_blocking(fd):
+        os.set_blocking(fd, False)
+        log.info("uffd_made_nonblocking")
+    return features, api_done
 
 
-def _register_all(uffd: _uffd.Userfaultfd, ranges: list[hp.RangeSpec]) -> None:
-    done: list[hp.RangeSpec] = []
+def _fdinfo_features(fd: int) -> int | None:
+    """The features field of a uffd's ``API:`` line in /proc fdinfo, if any."""
     try:
-        for r in ranges:
-            try:
-                ioctls = uffd.register(r.start, r.length)
-            except _uffd.UffdError as e:
-                raise Refused(
-                    "register_failed",
-                    f"cannot register {r.start:#x}+{r.length:#x} in the target ({os.strerror(e.errno or 0)}); "
-                    "is it mapped, private or shared memory, and not registered already?",
-                ) from None
-            done.append(r)
-            if ioctls & _NEEDED_IOCTLS != _NEEDED_IOCTLS:
-                raise Refused(
-                    "register_failed",
-                    f"range {r.start:#x}+{r.length:#x} does not allow UFFDIO_COPY and UFFDIO_ZEROPAGE "
-                    f"(granted: {_uffd.abi.ioctl_names(ioctls)})",
-                )
-    except Refused:
-        for r in done:
-            with contextlib.suppress(_uffd.UffdError):
-                uffd.unregister(r.start, r.length)
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "API":
+            parts = value.strip().split(":")
+            with contextlib.suppress(IndexError, ValueError):
+                return int(parts[1], 16)
+    return None
+
+
+@functools.cache
+def _api_done_visible() -> bool:
+    """Whether this kernel marks a uffd's fdinfo once UFFDIO_API has run.
+
+    Probed once on a scratch uffd: older kernels show only the negotiated
+    features, so there a missing mark says nothing.
+    """
+    try:
+        with _uffd.Userfaultfd.create() as probe:
+            probe.api(0)
+            seen = _fdinfo_features(probe.fileno())
+    except OSError:
+        return False
+    return seen is not None and bool(seen & _FEATURE_INITIALIZED)
+
+
+def _check_ranges(specs: tuple[hp.RangeSpec, ...]) -> list[hp.RangeSpec]:
+    """The ranges by address, once each is page-aligned and none overlap."""
+    ranges = sorted(specs, key=lambda r: r.start)
+    for r in ranges:
+        ps = r.page_size or PAGE
+        if r.start % ps or r.length % ps or r.offset % PAGE:
+            raise Refused(
+                "bad_range",
+                f"range {r.start:#x}+{r.length:#x} (offset {r.offset:#x}) is not aligned to its page size {ps}",
+            )
+    for a, b in itertools.pairwise(ranges):
+        if b.start < a.end:
+            raise Refused("overlap", f"ranges {a.start:#x}+{a.length:#x} and {b.start:#x}+{b.length:#x} overlap")
+    return ranges
+
+
+def _open_target(named: int | None, cred: PeerCred) -> tuple[int, int | None]:
+    """The target's pid and a pidfd watching it.
+
+    Without a ``pid`` the target is the peer itself (its pidfd may be
+    unavailable, e.g. across pid namespaces, and the session then simply has
+    no watch). A named pid must exist and, unless the peer is root, run as
+    the peer's user: the daemon signals that process on a forced shutdown,
+    and a client may not point it at someone else's.
+    """
+    if named is None or named == cred.pid:
+        try:
+            return cred.pid, os.pidfd_open(cred.pid)
+        except OSError:
+            return cred.pid, None
+    try:
+        pidfd = os.pidfd_open(named)
+    except (OSError, OverflowError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise Refused("bad_pid", f"cannot watch process {named}: {reason}") from None
+    try:
+        if cred.uid != 0:
+            uids = _process_uids(named)
+            # kill(2)'s rule: the sender's uid matches the target's real or saved uid.
+            if cred.uid not in (uids[0], uids[2]):
+                raise Refused("bad_pid", f"process {named} does not belong to uid {cred.uid}")
+        # Checked last: the uids read above belong to the pidfd's process only
+        # if it is alive now (a pid is not reused before its process is reaped).
+        if _exited(pidfd):
+            raise Refused("bad_pid", f"process {named} has exited")
+    except OSError as e:
+        os.close(pidfd)
+        raise Refused("bad_pid", f"cannot check process {named}: {e.strerror}") from None
+    except BaseException:
+        os.close(pidfd)
         raise
+    return named, pidfd
+
+
+def _exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+def _process_uids(pid: int) -> tuple[int, int, int]:
+    """Real, effective and saved uid of ``pid``."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                real, effective, saved = (int(x) for x in line.split()[1:4])
+                return real, effective, saved
+    raise OSError(errno.ESRCH, f"no Uid line for process {pid}")
+
+
+def _register_all(uffd: _uffd.Userfaultfd, ranges: list[hp.RangeSpec], done: list[hp.RangeSpec]) -> None:
+    """Register every range; ``done`` lists those registered, for the caller to undo."""
+    for r in ranges:
+        try:
+            ioctls = uffd.register(r.start, r.length)
+        except _uffd.UffdError as e:
+            raise Refused(
+                "register_failed",
+                f"cannot register {r.start:#x}+{r.length:#x} in the target ({os.strerror(e.errno or 0)}); "
+                "is it mapped, private anonymous or shared memory, and not registered with another uffd?",
+            ) from None
+        done.append(r)
+        huge = (r.page_size or PAGE) > PAGE
+        if not huge and ioctls & _NEEDED_IOCTLS == 1 << _abi._UFFDIO_COPY:
+            raise Refused(
+                "bad_range",
+                f"range {r.start:#x}+{r.length:#x} is huge-page memory (no UFFDIO_ZEROPAGE there): "
+                "give its page_size in the request",
+            )
+        needed = 1 << _abi._UFFDIO_COPY if huge else _NEEDED_IOCTLS
+        if ioctls & needed != needed:
+            raise Refused(
+                "register_failed",
+                f"range {r.start:#x}+{r.length:#x} does not allow UFFDIO_COPY and UFFDIO_ZEROPAGE "
+                f"(granted: {_abi.ioctl_names(ioctls)})",
+            )

@@ -14,6 +14,20 @@ from pathlib import Path
 _UCRED = struct.Struct("3i")
 
 
+class AncillaryTruncated(ConnectionError):
+    """The kernel could not hand over every descriptor the peer attached.
+
+    Either more were sent than the receive buffer had room for, or this
+    process ran out of descriptors (EMFILE) while receiving them; the kernel
+    closes the ones it could not deliver. ``received`` says how many did
+    arrive (already closed by :func:`recv_fds`).
+    """
+
+    def __init__(self, received: int, maxfds: int) -> None:
+        super().__init__(f"file descriptors truncated: {received} of at most {maxfds} received")
+        self.received = received
+
+
 @dataclass(frozen=True)
 class PeerCred:
     pid: int
@@ -56,7 +70,7 @@ async def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[byte
         if flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
-            raise ConnectionError("too many file descriptors attached")
+            raise AncillaryTruncated(len(fds), maxfds)
         return data, list(fds)
 
 

@@ -5,15 +5,24 @@ name is resolved with every symlink followed and must land inside one of
 those directories: absolute paths, ``..`` and links that point outside are
 refused, so a client can only ever read what the operator put there.
 Opened sources are shared between sessions and closed with their last user.
+
+A snapshot is a regular file: a lazypaged snapshot (recognised by its magic)
+or a raw memory image. Anything else is refused without being opened (a
+FIFO in a snapshot directory would otherwise block the daemon in open()).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 from .base import PageSource, SourceError
-from .raw import RawImageSource
+from .open import open_source
+
+#: Lookup errors that mean "no such snapshot here" rather than "broken".
+_NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
 
 
 class UnknownSource(SourceError):
@@ -39,20 +48,29 @@ class SourceRegistry:
             real = Path(os.path.realpath(d / name))
             if not real.is_relative_to(d):
                 raise ForbiddenSource(f"snapshot {name!r} resolves outside the snapshot directory {d}")
-            if real.is_file():
+            try:
+                st = real.stat()
+            except OSError as e:
+                if e.errno in _NOT_THERE:
+                    continue
+                raise SourceError(f"cannot look up snapshot {name!r}: {e.strerror}") from None
+            if stat.S_ISREG(st.st_mode):
                 return real
         raise UnknownSource(f"no snapshot named {name!r} in {', '.join(map(str, self._dirs))}")
 
     def acquire(self, name: str) -> PageSource:
         path = self.resolve(name)
-        st = path.stat()
+        try:
+            st = path.stat()
+        except OSError as e:
+            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
         key = (st.st_dev, st.st_ino)
         if key in self._open:
             src, refs = self._open[key]
             self._open[key] = (src, refs + 1)
             return src
         try:
-            src = RawImageSource(path, name=name)
+            src = open_source(path, name=name)
         except OSError as e:
             raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
         self._open[key] = (src, 1)
