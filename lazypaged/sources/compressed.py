@@ -38,6 +38,9 @@ from .raw import _map, _munmap
 #: Decompressed chunks kept: at the 64 KiB default, 16 MiB of recent data, which
 #: covers a sequential reader's chunk plus readahead without holding much memory.
 DEFAULT_CACHE_BYTES = 16 << 20
+#: Zero runs at least this long inside a data chunk are served as zero pages;
+#: shorter ones are copied along with the data around them (fewer ioctls).
+ZERO_RUN_MIN_PAGES = 8
 #: Free buffers kept beyond the cache: enough for the decodes of a few fills in flight.
 _SPARE_BUFFERS = 64
 #: Decompression threads per source; the machine has few cores to share.
@@ -61,34 +64,58 @@ class _SnapshotSourceBase(PageSource):
             return range(0)
         return range(self.reader.chunk_at(offset), self.reader.chunk_at(offset + length - 1) + 1)
 
+    def _data_chunks(self, offset: int, length: int) -> list[int]:
+        """Chunks whose part of the range holds a non-zero page: only those are read."""
+        out = []
+        end = offset + length
+        rd = self.reader
+        for i in self._chunks_for(offset, length):
+            c = rd.index.chunks[i]
+            if c.kind == ChunkKind.ZERO:
+                continue
+            page = rd.regions[c.region].page_size
+            a = (max(offset, c.offset) - c.offset) // page
+            b = -(-(min(end, c.offset + c.length) - c.offset) // page)
+            if rd.zero_flags(i).find(0, a, b) >= 0:
+                out.append(i)
+        return out
+
     def _build(self, offset: int, length: int, addresses: dict[int, tuple[int, object]]) -> list[Extent]:
-        """Extents for [offset, offset+length) given each data chunk's (address, owner)."""
+        """Extents for [offset, offset+length) given each data chunk's (address, owner).
+
+        Zero runs shorter than ZERO_RUN_MIN_PAGES inside a data chunk are
+        copied from the chunk with their neighbours: splitting them out would
+        cost two more ioctls than the copy of those few pages."""
         out: list[Extent] = []
         end = offset + length
         rd = self.reader
         for i in self._chunks_for(offset, length):
             c = rd.index.chunks[i]
             lo, hi = max(offset, c.offset), min(end, c.offset + c.length)
-            if c.kind == ChunkKind.ZERO:
+            if i not in addresses:  # a zero chunk, or only zero pages of it asked for
                 _add(out, Extent(lo, hi - lo, 0))
                 continue
             addr, owner = addresses[i]
             page = rd.regions[c.region].page_size
             flags = rd.zero_flags(i)
             p = (lo - c.offset) // page
-            while True:
-                run_start = max(lo, c.offset + p * page)
-                if run_start >= hi:
-                    break
+            data_from = -1
+            pos = lo
+            while pos < hi:
                 zero = flags[p]
                 q = flags.find(0 if zero else 1, p)
                 q = len(flags) if q < 0 else q
                 run_end = min(hi, c.offset + q * page)
-                if zero:
-                    _add(out, Extent(run_start, run_end - run_start, 0))
-                else:
-                    out.append(Extent(run_start, run_end - run_start, addr + run_start - c.offset, owner))
-                p = q
+                if zero and q - (flags.rfind(0, 0, p) + 1) >= ZERO_RUN_MIN_PAGES:
+                    if data_from >= 0:
+                        out.append(Extent(data_from, pos - data_from, addr + data_from - c.offset, owner))
+                        data_from = -1
+                    _add(out, Extent(pos, run_end - pos, 0))
+                elif data_from < 0:
+                    data_from = pos
+                pos, p = run_end, q
+            if data_from >= 0:
+                out.append(Extent(data_from, hi - data_from, addr + data_from - c.offset, owner))
         return out
 
     def close(self) -> None:
@@ -187,9 +214,7 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         bufs: dict[int, tuple[int, object]] = {}
-        for i in self._chunks_for(offset, length):
-            if self.reader.index.chunks[i].kind == ChunkKind.ZERO:
-                continue
+        for i in self._data_chunks(offset, length):
             buf = self._cached(i)
             if buf is None:
                 self._check_open()
@@ -203,9 +228,7 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         loop = asyncio.get_running_loop()
         wanted: dict[int, _ChunkBuffer | asyncio.Future[_ChunkBuffer]] = {}
         new: list[tuple[int, asyncio.Future[_ChunkBuffer]]] = []
-        for i in self._chunks_for(offset, length):
-            if self.reader.index.chunks[i].kind == ChunkKind.ZERO:
-                continue
+        for i in self._data_chunks(offset, length):
             buf = self._cached(i)
             if buf is not None:
                 wanted[i] = buf
@@ -310,10 +333,8 @@ class MappedSnapshotSource(_SnapshotSourceBase):
         if not self._base:
             raise SourceError(f"{self.name}: source is closed")
         addrs: dict[int, tuple[int, object]] = {}
-        for i in self._chunks_for(offset, length):
+        for i in self._data_chunks(offset, length):
             c = self.reader.index.chunks[i]
-            if c.kind == ChunkKind.ZERO:
-                continue
             addr = self._base + c.frame_offset + c.data_offset
             if not self._verified[i]:
                 self.reader.check(i, memoryview((ctypes.c_char * c.length).from_address(addr)).cast("B"))
