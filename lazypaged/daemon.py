@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -166,8 +167,18 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _raise_fd_limit() -> None:
+    """Each session holds a uffd, a pidfd and a connection: lift the soft
+    RLIMIT_NOFILE to the hard limit so max_sessions fits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def serve(cfg: Config) -> int:
     logsetup.setup(cfg.log_format, cfg.log_level)
+    _raise_fd_limit()
     loop = new_event_loop()
     try:
         return loop.run_until_complete(Daemon(cfg).run())

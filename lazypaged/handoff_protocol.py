@@ -40,6 +40,9 @@ MAX_FRAME: Final = 1 << 20
 #: Enough for a CRIU-sized process (thousands of VMAs) without letting one
 #: request make the daemon track millions of regions.
 MAX_RANGES: Final = 4096
+#: Range page sizes accepted: base pages up to 1 GiB huge pages.
+MIN_PAGE_SIZE: Final = 4096
+MAX_PAGE_SIZE: Final = 1 << 30
 #: Longest snapshot name, session id or error code, in UTF-8 bytes: PATH_MAX.
 MAX_NAME: Final = 4096
 _HEADER: Final = struct.Struct(">I")
@@ -122,10 +125,17 @@ class RangeSpec:
     length: int
     source: str
     offset: int = 0
+    #: Page size of the target memory (hugetlb: 2 MiB); 0 means the base page.
+    page_size: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("start", "length", "offset"):
+        for name in ("start", "length", "offset", "page_size"):
             _check_uint(f"range {name}", getattr(self, name))
+        p = self.page_size
+        if p and (p & (p - 1) or not MIN_PAGE_SIZE <= p <= MAX_PAGE_SIZE):
+            raise LocalProtocolError(
+                f"range page_size {p} must be a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE}"
+            )
         if self.length == 0:
             raise LocalProtocolError("range length must not be zero")
         if self.start + self.length > _U64:
@@ -233,6 +243,13 @@ Message = RestoreRequest | Accepted | Error | Complete | Failed
 # -- encoding ----------------------------------------------------------------
 
 
+def _range_map(r: RangeSpec) -> dict[str, Any]:
+    m: dict[str, Any] = {"start": r.start, "length": r.length, "source": r.source, "offset": r.offset}
+    if r.page_size:
+        m["page_size"] = r.page_size
+    return m
+
+
 def _to_map(msg: Message) -> dict[str, Any]:
     if isinstance(msg, RestoreRequest):
         o = msg.options
@@ -242,9 +259,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "registered": msg.registered,
             "features": msg.features,
             "keeps_uffd": msg.keeps_uffd,
-            "ranges": [
-                {"start": r.start, "length": r.length, "source": r.source, "offset": r.offset} for r in msg.ranges
-            ],
+            "ranges": [_range_map(r) for r in msg.ranges],
         }
         if msg.pid is not None:
             body["pid"] = msg.pid
@@ -315,6 +330,7 @@ def _from_map(m: dict[str, Any]) -> Message:
                         length=_get(r, "length", int),
                         source=_get(r, "source", str),
                         offset=_get(r, "offset", int, default=0),
+                        page_size=_get(r, "page_size", int, default=0),
                     )
                 )
             raw_opts = _get(m, "options", dict, default={})

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import ctypes
 import mmap
 import os
 import time
@@ -496,6 +497,41 @@ class RestoreSession:
         src_off = r.offset + (i << r.shift)
         self._install_extents(r, r.source.extents(src_off, (j - i) << r.shift), MISSING)
 
+    @staticmethod
+    def _whole_pages(r: Region, extents: list[Extent]) -> list[Extent]:
+        """Regroup extents into whole pages of ``r``: a huge page is installed
+        by one copy from one contiguous buffer."""
+        pieces: list[Extent] = []
+        for e in extents:  # cut at the region's page boundaries
+            o, n, a = e.offset, e.length, e.address
+            while n:
+                cut = min(n, r.page - (o - r.offset) % r.page)
+                pieces.append(Extent(o, cut, a, e.owner))
+                o, n, a = o + cut, n - cut, a + cut if a else 0
+        out: list[Extent] = []
+        k = 0
+        while k < len(pieces):
+            start, group = pieces[k].offset, []
+            while k < len(pieces) and pieces[k].offset < start + r.page:
+                group.append(pieces[k])
+                k += 1
+            if sum(e.length for e in group) != r.page:
+                raise SessionFailed("source_error", f"{r.name}: source extents do not cover a whole {r.page}-byte page")
+            if all(e.address == 0 for e in group):
+                out.append(Extent(start, r.page, 0))
+            elif len(group) == 1:
+                out.append(group[0])
+            elif addr := r.source.address_of(start, r.page):
+                out.append(Extent(start, r.page, addr))
+            else:
+                buf = bytearray(r.page)  # gather the pieces into one page
+                base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+                for e in group:
+                    if e.address:
+                        ctypes.memmove(base + e.offset - start, e.address, e.length)
+                out.append(Extent(start, r.page, base, buf))
+        return out
+
     async def _fetch_install(self, r: Region, i: int, j: int, *, fault: bool) -> None:
         fetch = r.source.fetch_urgent if fault else r.source.fetch
         extents = await fetch(r.offset + (i << r.shift), (j - i) << r.shift)
@@ -512,6 +548,8 @@ class RestoreSession:
         self._check_complete()
 
     def _install_extents(self, r: Region, extents: list[Extent], want: int) -> None:
+        if r.page != PAGE and any(e.length % r.page or e.offset % r.page for e in extents):
+            extents = self._whole_pages(r, extents)
         for e in extents:
             a = (e.offset - r.offset) >> r.shift
             self._put(r, a, a + (e.length >> r.shift), e.address, want)
@@ -669,6 +707,7 @@ class RestoreSession:
         self._index_mappings()
 
     def _fork(self, child_fd: int) -> None:
+        os.set_blocking(child_fd, False)  # it inherits the restorer's flags
         child_uffd = _uffd.Userfaultfd(child_fd, self.uffd.features)
         if self.host is None:
             # Nobody can run the child's session; closing its uffd would zero

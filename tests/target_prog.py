@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import random
 import sys
@@ -15,10 +16,12 @@ import tempfile
 import threading
 import time
 
-from lazypaged.client import HandoffError, map_anonymous, restore
-from lazypaged.handoff_protocol import SessionOptions
+from lazypaged.client import HandoffError, address_of, map_anonymous, restore
+from lazypaged.handoff_protocol import RangeSpec, SessionOptions
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
+HUGE = 2 << 20
+MAP_HUGETLB = 0x40000
 
 
 def main() -> int:
@@ -34,14 +37,29 @@ def main() -> int:
     ap.add_argument("--no-fill", action="store_true")
     ap.add_argument("--no-fault-around", action="store_true")
     ap.add_argument("--wait", action="store_true", help="wait for the completion message")
+    ap.add_argument("--memory", default="anon", choices=["anon", "shmem", "hugetlb"])
+    ap.add_argument("--declare-small-pages", action="store_true", help="omit page_size (a mistake)")
     args = ap.parse_args()
 
     size = args.size
-    mem, addr = map_anonymous(size)
+    memfd = -1
+    page_size = 0
+    if args.memory == "shmem":
+        memfd = os.memfd_create("lazypaged-target")
+        os.ftruncate(memfd, size)
+        mem = mmap.mmap(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        addr = address_of(mem)
+    elif args.memory == "hugetlb":
+        page_size = 0 if args.declare_small_pages else HUGE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_HUGETLB
+        mem = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        addr = address_of(mem)
+    else:
+        mem, addr = map_anonymous(size)
     part = size // args.split
     # Range i of the target is backed by part (split-1-i) of the image slice.
     backing = [args.offset + (args.split - 1 - i) * part for i in range(args.split)]
-    ranges = [(addr + i * part, part, args.name, backing[i]) for i in range(args.split)]
+    ranges = [RangeSpec(addr + i * part, part, args.name, backing[i], page_size) for i in range(args.split)]
     opts = SessionOptions(fill=False if args.no_fill else None, fault_around=False if args.no_fault_around else None)
     try:
         h = restore(args.socket, ranges, options=opts)
@@ -112,6 +130,13 @@ def main() -> int:
     if args.wait:
         done = h.wait(timeout=60)
         result["complete"] = {"pages": done.pages, "faults": done.faults, "zero": done.bytes_zero}
+    if memfd >= 0:
+        # A second mapping of the same memory sees what was restored.
+        with mmap.mmap(memfd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as again:
+            result["second_mapping_ok"] = again[:] == bytes(want)
+            ok = ok and bool(result["second_mapping_ok"])
+            result["ok"] = ok
+        os.close(memfd)
     print(json.dumps(result), flush=True)
     return 0 if ok else 3
 

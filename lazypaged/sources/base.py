@@ -53,6 +53,12 @@ class PageSource(ABC):
         peer) must put this ahead of every background fetch."""
         return await self.fetch(offset, length)
 
+    def address_of(self, offset: int, length: int) -> int:
+        """Address where [offset, offset+length) lies contiguously in our memory
+        (zeros included), or 0 if the source cannot say. Huge pages need one
+        contiguous buffer per page; a mapped file can give it directly."""
+        return 0
+
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise SourceError(f"{self.name}: range {offset:#x}+{length:#x} outside source of {self.size:#x} bytes")

@@ -129,6 +129,10 @@ class RawImageSource(PageSource):
             pos = stop
         return out
 
+    def address_of(self, offset: int, length: int) -> int:
+        self.check_range(offset, length)
+        return self._base + offset if self._base else 0
+
     def _data_extents(self, start: int, end: int, out: list[Extent]) -> None:
         pos = start
         while pos < end:
