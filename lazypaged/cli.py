@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--handoff-socket", type=Path, help="override daemon.handoff_socket")
     serve.add_argument("--snapshot-dir", type=Path, action="append", help="override daemon.snapshot_dirs")
     serve.add_argument("--log-format", choices=["auto", "json", "console"], help="override daemon.log_format")
+    serve.add_argument("--firecracker-socket", type=Path, help="listen for Firecracker's UFFD handshake here")
+    serve.add_argument("--mem-file", type=Path, help="guest memory file served to Firecracker")
 
     demo = sub.add_parser("demo", help="make a demo image, serve it and restore a process from it")
     demo.add_argument("--size-mib", type=int, default=256, help="demo image size (default 256)")
@@ -57,6 +59,16 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = replace(cfg, snapshot_dirs=tuple(args.snapshot_dir))
             if args.log_format:
                 cfg = replace(cfg, log_format=args.log_format)
+            if args.firecracker_socket or args.mem_file:
+                fc = cfg.firecracker
+                cfg = replace(
+                    cfg,
+                    firecracker=replace(
+                        fc,
+                        socket=str(args.firecracker_socket or fc.socket),
+                        mem_file=str(args.mem_file or fc.mem_file),
+                    ),
+                )
             cfg.validate()
         except ConfigError as e:
             print(f"lazypaged: configuration error: {e}", file=sys.stderr)

@@ -31,6 +31,16 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class FirecrackerConfig:
+    """The Firecracker-compatible handoff listener (off while ``socket`` is empty)."""
+
+    #: Unix socket Firecracker's UFFD backend connects to (``backend_path``).
+    socket: str = ""
+    #: The snapshot's guest memory file the regions are served from.
+    mem_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     handoff_socket: Path = Path("/run/lazypaged/handoff.sock")
     #: Permissions of the handoff socket (octal in TOML as a string, e.g. "0660").
@@ -46,6 +56,7 @@ class Config:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     session: SessionConfig = field(default_factory=SessionConfig)
+    firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
 
     def validate(self) -> Config:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -58,6 +69,8 @@ class Config:
             raise ConfigError("session.fault_around_min must not exceed fault_around_max")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"log_format must be auto, json or console, not {self.log_format!r}")
+        if bool(self.firecracker.socket) != bool(self.firecracker.mem_file):
+            raise ConfigError("firecracker.socket and firecracker.mem_file go together: set both or neither")
         if not self.snapshot_dirs:
             raise ConfigError("snapshot_dirs must name at least one directory")
         if self.max_sessions < 1 or self.max_message_bytes < 1024:

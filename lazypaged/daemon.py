@@ -33,6 +33,7 @@ import structlog
 
 from . import log as logsetup
 from .config import Config
+from .firecracker_server import FirecrackerServer
 from .handoff_server import HandoffServer
 from .notify import notify
 from .sessions import SessionTable
@@ -59,6 +60,8 @@ class Daemon:
         #: Started in this order after the handoff socket; stopped with it.
         #: Each optional listener is appended here when its config enables it.
         self.listeners: list[Listener] = []
+        if cfg.firecracker.socket:
+            self.listeners.append(FirecrackerServer(cfg, self.sessions))
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -182,8 +185,8 @@ def serve(cfg: Config) -> int:
     loop = new_event_loop()
     try:
         return loop.run_until_complete(Daemon(cfg).run())
-    except FileExistsError as e:
-        structlog.get_logger().error("cannot_listen", error=str(e))
+    except OSError as e:  # a socket in use, a missing file: nothing was served yet
+        structlog.get_logger().error("cannot_start", error=str(e))
         print(f"lazypaged: {e}", file=sys.stderr)
         return 1
     finally:
