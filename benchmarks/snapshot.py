@@ -61,7 +61,7 @@ def run(opts: Options) -> GroupResult:
         work = Path(tmp)
         snaps = work / "snapshots"
         snaps.mkdir()
-        image = work / "mixed.img"
+        image = snaps / "mixed.img"
         what = make_mixed_image(image, opts.size)
         common.warm_page_cache(image)
         created = {}
@@ -73,10 +73,12 @@ def run(opts: Options) -> GroupResult:
             common.warm_page_cache(out)
         with common.lazypaged_daemon(work, snaps, SESSION_TOML) as daemon:
             for i in range(opts.runs):
-                order = ("zstd", "raw") if i % 2 == 0 else ("raw", "zstd")
-                for layout in order:
-                    args = ("--socket", str(daemon.socket), "--name", f"mixed.{layout}.lzs")
-                    r = _target(opts, lib, image, "lp-seq", *args)
+                order = ["zstd", "raw", "image"]
+                for layout in order[i % 3 :] + order[: i % 3]:
+                    name = image.name if layout == "image" else f"mixed.{layout}.lzs"
+                    cpu0 = common.cpu_ns(daemon.proc.pid)
+                    r = _target(opts, lib, image, "lp-seq", "--socket", str(daemon.socket), "--name", name)
+                    common.collect(s, f"{layout}_cpu_s", (common.cpu_ns(daemon.proc.pid) - cpu0) / 1e9)
                     common.collect(s, f"{layout}_seq_s", r["ns"] / 1e9)
             problems = [ln for ln in daemon.log.read_text(errors="replace").splitlines() if '"error"' in ln]
     if problems:
@@ -101,6 +103,15 @@ def run(opts: Options) -> GroupResult:
             "GiB/s",
             tuple(gib / x for x in s["raw_seq_s"]),
         ),
+        Row(
+            "image_restore_gibps",
+            "restore from the raw image file itself (baseline)",
+            "GiB/s",
+            tuple(gib / x for x in s["image_seq_s"]),
+        ),
+        Row("zstd_daemon_cpu_s", "daemon CPU per restore, zstd snapshot", "s", tuple(s["zstd_cpu_s"])),
+        Row("raw_daemon_cpu_s", "daemon CPU per restore, raw layout", "s", tuple(s["raw_cpu_s"])),
+        Row("image_daemon_cpu_s", "daemon CPU per restore, raw image file", "s", tuple(s["image_cpu_s"])),
         Row("create_zstd_mibps", "snapshot create, zstd level 3 (incl. fsync)", "MiB/s", (z.size / MiB / z.seconds,)),
         Row("create_raw_mibps", "snapshot create, raw layout (incl. fsync)", "MiB/s", (raw.size / MiB / raw.seconds,)),
         Row("zstd_ratio", "compression ratio (memory / file)", "×", (z.ratio,)),

@@ -202,7 +202,7 @@ def _rewrite_index(path: Path, change: dict[int, dict[str, object]]) -> None:
     as a careless or malicious writer would: only validation can catch it."""
     with SnapshotReader(path) as rd:
         h, idx = rd.header, rd.index
-    chunks = [dataclasses.replace(c, **change.get(i, {})) for i, c in enumerate(idx.chunks)]  # type: ignore[arg-type]
+    chunks = [c._replace(**change.get(i, {})) for i, c in enumerate(idx.chunks)]
     index = fmt.encode_index(idx.regions, chunks, idx.zero_pages)
     assert len(index) == h.index_size
     with open(path, "r+b") as f:

@@ -20,6 +20,7 @@ import enum
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple, NoReturn
 
 import xxhash
 
@@ -106,8 +107,9 @@ class Region:
     chunk_count: int
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
+class Chunk(NamedTuple):
+    """A chunk record (a tuple: an index holds tens of thousands, built at open)."""
+
     region: int
     offset: int  # in the source's byte space
     length: int
@@ -286,28 +288,26 @@ def parse_index(frame: bytes, h: Header) -> Index:
         raise FormatError(f"regions cover {next_chunk} chunks, index lists {nchunks}")
 
     chunks: list[Chunk] = []
+    records = _CHUNK.iter_unpack(take(nchunks * _CHUNK.size))
     frame_end = 0
+    csize, limit, raw_layout, raw_prefix = h.chunk_size, h.index_offset, h.raw, zf.RAW_FRAME_PREFIX
+    kinds = tuple(ChunkKind)
     for r_i, r in enumerate(regions):
         for k in range(r.chunk_count):
-            ci = r.first_chunk + k
-            foff, fsize, doff, kind, length, digest = _CHUNK.unpack(take(_CHUNK.size))
-            where = f"chunk {ci} (region {r.name!r})"
-            want = min(h.chunk_size, r.length - k * h.chunk_size)
-            if length != want:
-                raise FormatError(f"{where}: length {length}, expected {want}")
-            if kind not in ChunkKind.__members__.values():
-                raise FormatError(f"{where}: unknown kind {kind}")
-            if foff < frame_end or fsize <= 0 or foff + fsize > h.index_offset:
-                raise FormatError(f"{where}: frame {foff:#x}+{fsize:#x} overlaps another or lies outside the data")
+            foff, fsize, doff, kind, length, digest = next(records)
+            # One combined test keeps the common case fast; the slow path says what is wrong.
+            if (
+                length != min(csize, r.length - k * csize)
+                or kind >= len(kinds)
+                or foff < frame_end
+                or fsize <= 0
+                or foff + fsize > limit
+                or (doff != raw_prefix or fsize != doff + length if kind == ChunkKind.RAW else doff != 0)
+                or (raw_layout and kind == ChunkKind.RAW and (foff + doff) % r.page_size)
+            ):
+                _chunk_problem(r.first_chunk + k, r, k, h, frame_end, foff, fsize, doff, kind, length)
             frame_end = foff + fsize
-            if kind == ChunkKind.RAW:
-                if doff != zf.RAW_FRAME_PREFIX or fsize != doff + length:
-                    raise FormatError(f"{where}: raw frame layout is inconsistent")
-                if h.raw and (foff + doff) % r.page_size:
-                    raise FormatError(f"{where}: raw data is not page-aligned")
-            elif doff:
-                raise FormatError(f"{where}: data offset set on a non-raw chunk")
-            chunks.append(Chunk(r_i, r.offset + k * h.chunk_size, length, ChunkKind(kind), foff, fsize, doff, digest))
+            chunks.append(Chunk(r_i, r.offset + k * csize, length, kinds[kind], foff, fsize, doff, digest))
 
     zero_pages: list[bytes] = []
     for r in regions:
@@ -319,13 +319,33 @@ def parse_index(frame: bytes, h: Header) -> Index:
     if pos != len(body):
         raise FormatError(f"index has {len(body) - pos} unexpected trailing bytes")
     for ci, c in enumerate(chunks):
+        if c.kind != ChunkKind.ZERO:
+            continue
         r = regions[c.region]
         first = (c.offset - r.offset) // r.page_size
-        if c.kind == ChunkKind.ZERO and zero_pages[c.region].count(1, first, first + c.length // r.page_size) != (
-            c.length // r.page_size
-        ):
+        pages = c.length // r.page_size
+        if zero_pages[c.region].count(1, first, first + pages) != pages:
             raise FormatError(f"chunk {ci}: marked zero but its pages are not")
     return Index(tuple(regions), tuple(chunks), tuple(zero_pages))
+
+
+def _chunk_problem(
+    ci: int, r: Region, k: int, h: Header, frame_end: int, foff: int, fsize: int, doff: int, kind: int, length: int
+) -> NoReturn:
+    """Raise the FormatError that says what is wrong with a chunk record."""
+    where = f"chunk {ci} (region {r.name!r})"
+    want = min(h.chunk_size, r.length - k * h.chunk_size)
+    if length != want:
+        raise FormatError(f"{where}: length {length}, expected {want}")
+    if kind not in set(ChunkKind):
+        raise FormatError(f"{where}: unknown kind {kind}")
+    if foff < frame_end or fsize <= 0 or foff + fsize > h.index_offset:
+        raise FormatError(f"{where}: frame {foff:#x}+{fsize:#x} overlaps another or lies outside the data")
+    if kind == ChunkKind.RAW:
+        if doff != zf.RAW_FRAME_PREFIX or fsize != doff + length:
+            raise FormatError(f"{where}: raw frame layout is inconsistent")
+        raise FormatError(f"{where}: raw data is not page-aligned")
+    raise FormatError(f"{where}: data offset set on a non-raw chunk")
 
 
 def check_seek_table(entries: list[tuple[int, int]], h: Header, idx: Index) -> None:

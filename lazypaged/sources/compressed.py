@@ -5,12 +5,14 @@ or more chunks. Zero pages (from the index's bitmap) become zero extents and
 need no chunk data at all. Every other page is served from its chunk's bytes,
 and a chunk's bytes are only ever handed out after its checksum matched:
 
-- compressed layout: the chunks of a request are read and decompressed in a
-  thread pool, one batch per worker (zstd and ``pread`` release the GIL, so
-  the event loop keeps serving other sessions), verified, and kept in a
-  small LRU cache. Chunks are decoded into recycled buffers; the extents
-  point into them and hold them as ``Extent.owner``, so a buffer is reused
-  only once no extent and no cache entry refers to it;
+- compressed layout: the missing chunks of a request are decompressed, side
+  by side, into one *slab* (a recycled buffer), split among the workers of a
+  thread pool (zstd and ``pread`` release the GIL, so the event loop keeps
+  serving other sessions). Neighbouring chunks thus sit next to each other in
+  memory and a 2 MiB fill becomes one UFFDIO_COPY, not 32. Extents hold their
+  slab as ``Extent.owner``; a small LRU cache holds recently decoded chunks
+  (and so their slabs); a slab's memory is reused only once nothing refers
+  to it;
 - raw layout: the chunk is already page-aligned in the file, so extents point
   into a read-only mapping of it (zero-copy). Each chunk is hashed from the
   mapping the first time it is used and remembered as verified.
@@ -27,24 +29,43 @@ import ctypes
 import functools
 import mmap
 import os
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from ..snapshot.format import ChunkKind
+from ..snapshot.format import ChunkKind, Region
 from ..snapshot.reader import SnapshotReader
 from .base import Extent, PageSource, SourceError
 from .raw import _map, _munmap
 
-#: Decompressed chunks kept: at the 64 KiB default, 16 MiB of recent data, which
-#: covers a sequential reader's chunk plus readahead without holding much memory.
+#: Decoded data the cache may keep alive: 16 MiB covers the fills in flight of
+#: a few sessions plus what their faults touch again, without holding much.
 DEFAULT_CACHE_BYTES = 16 << 20
 #: Zero runs at least this long inside a data chunk are served as zero pages;
 #: shorter ones are copied along with the data around them (fewer ioctls).
 ZERO_RUN_MIN_PAGES = 8
-#: Free buffers kept beyond the cache: enough for the decodes of a few fills in flight.
-_SPARE_BUFFERS = 64
+#: Most chunks decoded into one slab: 32 × 64 KiB is the session's 2 MiB fill.
+SLAB_CHUNKS = 32
+#: Idle slabs kept per size for reuse (sizes are powers of two chunks).
+_SPARE_SLABS = 8
 #: Decompression threads per source; the machine has few cores to share.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+_Runs = tuple[tuple[int, int], ...]
+
+
+def _add(out: list[Extent], e: Extent) -> None:
+    """Append, merging with the previous extent when both are zeros or both are
+    data that continue each other in memory (one ioctl instead of two)."""
+    if out:
+        last = out[-1]
+        if last.offset + last.length == e.offset and (
+            (e.address == 0 and last.address == 0)
+            or (e.address and last.address and e.owner is last.owner and last.address + last.length == e.address)
+        ):
+            out[-1] = Extent(last.offset, last.length + e.length, last.address, last.owner)
+            return
+    out.append(e)
 
 
 class _SnapshotSourceBase(PageSource):
@@ -52,9 +73,10 @@ class _SnapshotSourceBase(PageSource):
         self.reader = reader
         self.name = reader.name
         self.size = reader.size
+        self._runs: dict[int, _Runs] = {}
 
     @property
-    def regions(self) -> tuple[object, ...]:
+    def regions(self) -> tuple[Region, ...]:
         """The snapshot's regions (name, original address, offset in this source)."""
         return self.reader.regions
 
@@ -80,94 +102,100 @@ class _SnapshotSourceBase(PageSource):
                 out.append(i)
         return out
 
+    def _zero_runs(self, i: int) -> _Runs:
+        """Byte ranges in chunk ``i`` served as zeros: runs of ZERO_RUN_MIN_PAGES or more."""
+        runs = self._runs.get(i)
+        if runs is None:
+            c = self.reader.index.chunks[i]
+            page = self.reader.regions[c.region].page_size
+            flags = self.reader.zero_flags(i)
+            found = []
+            p = flags.find(1)
+            while p >= 0:
+                q = flags.find(0, p)
+                q = len(flags) if q < 0 else q
+                if q - p >= ZERO_RUN_MIN_PAGES:
+                    found.append((p * page, q * page))
+                p = flags.find(1, q)
+            runs = self._runs[i] = tuple(found)
+        return runs
+
     def _build(self, offset: int, length: int, addresses: dict[int, tuple[int, object]]) -> list[Extent]:
         """Extents for [offset, offset+length) given each data chunk's (address, owner).
 
         Zero runs shorter than ZERO_RUN_MIN_PAGES inside a data chunk are
-        copied from the chunk with their neighbours: splitting them out would
-        cost two more ioctls than the copy of those few pages."""
+        copied with their neighbours: splitting them out would cost two more
+        ioctls than copying those few pages."""
         out: list[Extent] = []
         end = offset + length
-        rd = self.reader
+        chunks = self.reader.index.chunks
         for i in self._chunks_for(offset, length):
-            c = rd.index.chunks[i]
+            c = chunks[i]
             lo, hi = max(offset, c.offset), min(end, c.offset + c.length)
-            if i not in addresses:  # a zero chunk, or only zero pages of it asked for
+            at = addresses.get(i)
+            if at is None:  # a zero chunk, or only zero pages of it asked for
                 _add(out, Extent(lo, hi - lo, 0))
                 continue
-            addr, owner = addresses[i]
-            page = rd.regions[c.region].page_size
-            flags = rd.zero_flags(i)
-            p = (lo - c.offset) // page
-            data_from = -1
+            addr, owner = at
+            base = addr - c.offset  # address of source offset x is base + x
             pos = lo
-            while pos < hi:
-                zero = flags[p]
-                q = flags.find(0 if zero else 1, p)
-                q = len(flags) if q < 0 else q
-                run_end = min(hi, c.offset + q * page)
-                if zero and q - (flags.rfind(0, 0, p) + 1) >= ZERO_RUN_MIN_PAGES:
-                    if data_from >= 0:
-                        out.append(Extent(data_from, pos - data_from, addr + data_from - c.offset, owner))
-                        data_from = -1
-                    _add(out, Extent(pos, run_end - pos, 0))
-                elif data_from < 0:
-                    data_from = pos
-                pos, p = run_end, q
-            if data_from >= 0:
-                out.append(Extent(data_from, hi - data_from, addr + data_from - c.offset, owner))
+            for zs, ze in self._zero_runs(i):
+                zs, ze = max(pos, c.offset + zs), min(hi, c.offset + ze)
+                if zs >= ze:
+                    continue
+                if zs > pos:
+                    _add(out, Extent(pos, zs - pos, base + pos, owner))
+                _add(out, Extent(zs, ze - zs, 0))
+                pos = ze
+            if pos < hi:
+                _add(out, Extent(pos, hi - pos, base + pos, owner))
         return out
 
     def close(self) -> None:
         self.reader.close()
 
 
-def _add(out: list[Extent], e: Extent) -> None:
-    """Append, merging with a preceding zero extent so zeros go in one ioctl."""
-    if out and e.address == 0 and out[-1].address == 0 and out[-1].offset + out[-1].length == e.offset:
-        out[-1] = Extent(out[-1].offset, out[-1].length + e.length, 0)
-    else:
-        out.append(e)
+class _Slab:
+    """Decoded chunks side by side. Extents and cache entries hold it; when the
+    last lets go, its memory goes back to the pool for the next decode."""
 
+    __slots__ = ("address", "cached", "data", "pool")
 
-class _ChunkBuffer:
-    """One decoded chunk. Extents hold it as their owner; when the last one
-    lets go, its memory goes back to the pool for the next decode."""
-
-    __slots__ = ("address", "data", "pool")
-
-    def __init__(self, data: bytearray, pool: _BufferPool) -> None:
+    def __init__(self, data: bytearray, pool: _SlabPool) -> None:
         self.data = data
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(data))
         self.pool = pool
+        self.cached = 0  # how many of its chunks the cache holds
 
     def __del__(self) -> None:
         self.pool.give_back(self.data)
 
 
-class _BufferPool:
-    """Recycled chunk-sized buffers: a fresh 64 KiB allocation page-faults its
-    way in and costs more CPU than decompressing into it."""
+class _SlabPool:
+    """Recycled slabs: a fresh allocation page-faults its way in and costs more
+    CPU than decompressing into it. Sizes are powers of two chunks."""
 
-    def __init__(self, size: int, keep: int) -> None:
-        self.size = size
-        self.keep = keep
-        self._free: deque[bytearray] = deque()
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self._free: dict[int, list[bytearray]] = {}
+        self.closed = False
 
-    def take(self) -> _ChunkBuffer:
-        try:
-            data = self._free.pop()
-        except IndexError:
-            data = bytearray(self.size)
-        return _ChunkBuffer(data, self)
+    def take(self, chunks: int) -> _Slab:
+        size = self.chunk_size << max(0, chunks - 1).bit_length()
+        free = self._free.get(size)
+        return _Slab(free.pop() if free else bytearray(size), self)
 
     def give_back(self, data: bytearray) -> None:
-        if len(self._free) < self.keep:
-            self._free.append(data)
+        free = self._free.setdefault(len(data), [])
+        if not self.closed and len(free) < _SPARE_SLABS:
+            free.append(data)
 
     def clear(self) -> None:
-        self.keep = 0
+        self.closed = True
         self._free.clear()
+
+
+_Job = asyncio.Future[dict[int, SourceError | None]]
 
 
 class CompressedSnapshotSource(_SnapshotSourceBase):
@@ -183,119 +211,137 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         workers: int = DEFAULT_WORKERS,
     ) -> None:
         super().__init__(reader)
-        chunk = reader.header.chunk_size
-        self._cache: OrderedDict[int, _ChunkBuffer] = OrderedDict()
-        self._cache_chunks = max(1, cache_bytes // chunk)
-        self._buffers = _BufferPool(chunk, self._cache_chunks + _SPARE_BUFFERS)
-        self._inflight: dict[int, asyncio.Future[_ChunkBuffer]] = {}
+        self._chunk_size = reader.header.chunk_size
+        self._slabs = _SlabPool(self._chunk_size)
+        self._cache: OrderedDict[int, tuple[_Slab, int]] = OrderedDict()
+        self._cache_limit = cache_bytes
+        self._cache_bytes = 0  # bytes of the slabs the cache keeps alive
+        self._inflight: dict[int, tuple[_Job, _Slab, int]] = {}
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.chunks_decoded = 0
 
-    @property
-    def _cache_bytes(self) -> int:
-        return len(self._cache) * self._buffers.size
-
-    def _cached(self, i: int) -> _ChunkBuffer | None:
-        buf = self._cache.get(i)
-        if buf is not None:
+    # -- cache ----------------------------------------------------------------------
+    def _cached(self, i: int) -> tuple[_Slab, int] | None:
+        hit = self._cache.get(i)
+        if hit is not None:
             self._cache.move_to_end(i)
-        return buf
+        return hit
 
-    def _remember(self, i: int, buf: _ChunkBuffer) -> None:
-        self._cache[i] = buf
-        self._cache.move_to_end(i)
-        while len(self._cache) > self._cache_chunks:
-            self._cache.popitem(last=False)
+    def _remember(self, i: int, slab: _Slab, off: int) -> None:
+        if i in self._cache:
+            return
+        self._cache[i] = (slab, off)
+        if not slab.cached:
+            self._cache_bytes += len(slab.data)
+        slab.cached += 1
+        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
+            _, (old, _) = self._cache.popitem(last=False)
+            old.cached -= 1
+            if not old.cached:
+                self._cache_bytes -= len(old.data)
 
-    def _decode(self, i: int, buf: _ChunkBuffer) -> None:
-        self.reader.chunk_into(i, buf.data)  # raises ChunkError before anything is returned
-        self.chunks_decoded += 1
+    # -- decoding -------------------------------------------------------------------
+    def _plan(self, chunks: Sequence[int]) -> list[tuple[_Slab, list[tuple[int, int]]]]:
+        """Slabs for chunks to decode: consecutive chunks share one, in order."""
+        plans: list[tuple[_Slab, list[tuple[int, int]]]] = []
+        run: list[int] = []
+        for i in chunks:
+            if run and (i != run[-1] + 1 or len(run) == SLAB_CHUNKS):
+                plans.append(self._slab_for(run))
+                run = []
+            run.append(i)
+        if run:
+            plans.append(self._slab_for(run))
+        return plans
+
+    def _slab_for(self, run: list[int]) -> tuple[_Slab, list[tuple[int, int]]]:
+        slab = self._slabs.take(len(run))
+        return slab, [(i, k * self._chunk_size) for k, i in enumerate(run)]
+
+    def _decode_into(self, slab: _Slab, items: list[tuple[int, int]]) -> dict[int, SourceError | None]:
+        """Decode chunks into their slots (runs in a worker thread); per-chunk errors."""
+        view = memoryview(slab.data)
+        out: dict[int, SourceError | None] = {}
+        for i, off in items:
+            try:
+                self.reader.chunk_into(i, view[off : off + self._chunk_size])
+                out[i] = None
+            except SourceError as e:  # ChunkError, or the file closed under us
+                out[i] = e
+        return out
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        bufs: dict[int, tuple[int, object]] = {}
+        have: dict[int, tuple[int, object]] = {}
+        missing = []
         for i in self._data_chunks(offset, length):
-            buf = self._cached(i)
-            if buf is None:
-                self._check_open()
-                buf = self._buffers.take()
-                self._decode(i, buf)
-                self._remember(i, buf)
-            bufs[i] = (buf.address, buf)
-        return self._build(offset, length, bufs)
+            hit = self._cached(i)
+            if hit is None:
+                missing.append(i)
+            else:
+                have[i] = (hit[0].address + hit[1], hit[0])
+        if missing:
+            self._check_open()
+        for slab, items in self._plan(missing):
+            errors = self._decode_into(slab, items)
+            self.chunks_decoded += len(items)
+            for i, off in items:
+                err = errors[i]
+                if err is not None:
+                    raise err
+                self._remember(i, slab, off)
+                have[i] = (slab.address + off, slab)
+        return self._build(offset, length, have)
 
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         loop = asyncio.get_running_loop()
-        wanted: dict[int, _ChunkBuffer | asyncio.Future[_ChunkBuffer]] = {}
-        new: list[tuple[int, asyncio.Future[_ChunkBuffer]]] = []
+        have: dict[int, tuple[int, object]] = {}
+        waits: dict[int, tuple[_Job, _Slab, int]] = {}
+        missing = []
         for i in self._data_chunks(offset, length):
-            buf = self._cached(i)
-            if buf is not None:
-                wanted[i] = buf
-                continue
-            fut = self._inflight.get(i)
-            if fut is None:
-                # Several faults on one chunk share one decompression.
-                fut = self._inflight[i] = loop.create_future()
-                new.append((i, fut))
-            wanted[i] = fut
-        if new:
-            self._dispatch(loop, new)
-        pending = [f for f in wanted.values() if isinstance(f, asyncio.Future)]
-        if pending:
-            await asyncio.wait(pending)
-        bufs: dict[int, tuple[int, object]] = {}
-        for i, f in wanted.items():
-            buf = f.result() if isinstance(f, asyncio.Future) else f
-            bufs[i] = (buf.address, buf)
-        return self._build(offset, length, bufs)
-
-    def _dispatch(self, loop: asyncio.AbstractEventLoop, new: list[tuple[int, asyncio.Future[_ChunkBuffer]]]) -> None:
-        """Hand the chunks to the pool in one batch per worker: per-chunk jobs
-        would cost the event loop more in handoffs than the decoding saves."""
-        pool = self._executor()
-        per = -(-len(new) // min(self._workers, len(new)))
-        for k in range(0, len(new), per):
-            batch = new[k : k + per]
-            bufs = [self._buffers.take() for _ in batch]
-            job = loop.run_in_executor(pool, self._decode_batch, [i for i, _ in batch], bufs)
-            job.add_done_callback(functools.partial(self._settle, batch, bufs))
-
-    def _decode_batch(self, chunks: list[int], bufs: list[_ChunkBuffer]) -> list[SourceError | None]:
-        errors: list[SourceError | None] = []
-        for i, buf in zip(chunks, bufs, strict=True):
-            try:
-                self._decode(i, buf)
-                errors.append(None)
-            except SourceError as e:
-                errors.append(e)
-        return errors
-
-    def _settle(
-        self,
-        batch: list[tuple[int, asyncio.Future[_ChunkBuffer]]],
-        bufs: list[_ChunkBuffer],
-        job: asyncio.Future[list[SourceError | None]],
-    ) -> None:
-        if job.cancelled():
-            outcome: list[BaseException | None] = [SourceError(f"{self.name}: source closed while decoding")] * len(
-                batch
-            )
-        elif (exc := job.exception()) is not None:
-            outcome = [exc] * len(batch)
-        else:
-            outcome = list(job.result())
-        for (i, fut), buf, err in zip(batch, bufs, outcome, strict=True):
-            if self._inflight.get(i) is fut:
-                del self._inflight[i]
-            if fut.done():
-                continue
-            if err is None:
-                self._remember(i, buf)
-                fut.set_result(buf)
+            hit = self._cached(i)
+            if hit is not None:
+                have[i] = (hit[0].address + hit[1], hit[0])
+            elif i in self._inflight:  # several faults on one chunk share its decode
+                waits[i] = self._inflight[i]
             else:
-                fut.set_exception(err)
-                fut.exception()  # every waiter sees it; none left unretrieved if nobody waits
+                missing.append(i)
+        if missing:
+            pool = self._executor()
+            for slab, items in self._plan(missing):
+                per = -(-len(items) // self._workers)
+                for k in range(0, len(items), per):
+                    part = items[k : k + per]
+                    job: _Job = asyncio.ensure_future(loop.run_in_executor(pool, self._decode_into, slab, part))
+                    job.add_done_callback(functools.partial(self._settle, slab, part))
+                    for i, off in part:
+                        waits[i] = self._inflight[i] = (job, slab, off)
+        if waits:
+            await asyncio.wait({job for job, _, _ in waits.values()})
+        first_error: BaseException | None = None
+        for i, (job, slab, off) in waits.items():
+            if job.cancelled():
+                err: BaseException | None = SourceError(f"{self.name}: source closed while decoding")
+            else:
+                err = job.exception() or job.result()[i]
+            if err is not None:
+                first_error = first_error or err
+            else:
+                have[i] = (slab.address + off, slab)
+        if first_error is not None:
+            raise first_error
+        return self._build(offset, length, have)
+
+    def _settle(self, slab: _Slab, part: list[tuple[int, int]], job: _Job) -> None:
+        """On the loop, when a decode job ends: cache what decoded, forget the job."""
+        ok = not job.cancelled() and job.exception() is None
+        results = job.result() if ok else {}
+        for i, off in part:
+            if self._inflight.get(i, (None,))[0] is job:
+                del self._inflight[i]
+            if ok and results[i] is None:
+                self.chunks_decoded += 1
+                self._remember(i, slab, off)
 
     def _check_open(self) -> None:
         if self.reader.fd < 0:
@@ -312,7 +358,8 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._cache.clear()
-        self._buffers.clear()
+        self._cache_bytes = 0
+        self._slabs.clear()
         super().close()
 
 
