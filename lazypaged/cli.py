@@ -41,10 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     from .snapshot.commands import add_parser as add_snapshot_parser
 
     add_snapshot_parser(sub)
+    from .criu.cli import add_parser as add_criu_parser
+
+    add_criu_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "criu-lazy-pages" in (argv := sys.argv[1:] if argv is None else argv):
+        from .criu.cli import normalize_argv
+
+        argv = normalize_argv(argv)
     args = _parser().parse_args(argv)
     if args.command == "serve":
         from dataclasses import replace
@@ -94,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             print("features:", " ".join(abi.feature_names(features)))
             print("ioctls:  ", " ".join(abi.ioctl_names(ioctls)))
         return EXIT_OK
+    if args.command == "criu-lazy-pages":
+        from .criu.cli import run as run_criu
+
+        return run_criu(args)
     if args.command == "snapshot":
         from .snapshot.commands import run as run_snapshot
 

@@ -41,6 +41,38 @@ class FirecrackerConfig:
 
 
 @dataclass(frozen=True)
+class CriuConfig:
+    """[criu]: serve ``criu restore --lazy-pages`` (see docs/criu.md)."""
+
+    #: Listen on lazy-pages.socket in work_dir while the daemon runs.
+    enabled: bool = False
+    #: The images directory of the dump being restored (criu -D).
+    images_dir: str = ""
+    #: Where lazy-pages.socket lives (criu -W); empty: images_dir.
+    work_dir: str = ""
+    #: Fetch pages from a running ``criu dump --lazy-pages`` page server at
+    #: this address instead of pages-N.img; empty: local images.
+    page_server_address: str = ""
+    page_server_port: int = 0
+    #: Page-server header layout: "auto" (from the pagemap images), "4.1" or "4.2".
+    page_server_header: str = "auto"
+    #: Background bytes kept outstanding on the page-server connection.
+    page_server_window: int = 8 << 20
+
+    def check(self) -> None:
+        if self.enabled and not self.images_dir:
+            raise ConfigError("criu.enabled needs criu.images_dir")
+        if bool(self.page_server_address) != bool(self.page_server_port):
+            raise ConfigError("criu.page_server_address and criu.page_server_port go together")
+        if not 0 <= self.page_server_port < 65536:
+            raise ConfigError(f"criu.page_server_port = {self.page_server_port} is not a TCP port")
+        if self.page_server_header not in ("auto", "4.1", "4.2"):
+            raise ConfigError(f"criu.page_server_header must be auto, 4.1 or 4.2, not {self.page_server_header!r}")
+        if self.page_server_window < 4096:
+            raise ConfigError("criu.page_server_window must be at least one page")
+
+
+@dataclass(frozen=True)
 class Config:
     handoff_socket: Path = Path("/run/lazypaged/handoff.sock")
     #: Permissions of the handoff socket (octal in TOML as a string, e.g. "0660").
@@ -56,6 +88,7 @@ class Config:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     session: SessionConfig = field(default_factory=SessionConfig)
+    criu: CriuConfig = field(default_factory=CriuConfig)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
 
     def validate(self) -> Config:
@@ -71,6 +104,7 @@ class Config:
             raise ConfigError(f"log_format must be auto, json or console, not {self.log_format!r}")
         if bool(self.firecracker.socket) != bool(self.firecracker.mem_file):
             raise ConfigError("firecracker.socket and firecracker.mem_file go together: set both or neither")
+        self.criu.check()
         if not self.snapshot_dirs:
             raise ConfigError("snapshot_dirs must name at least one directory")
         if self.max_sessions < 1 or self.max_message_bytes < 1024:

@@ -62,6 +62,10 @@ class Daemon:
         self.listeners: list[Listener] = []
         if cfg.firecracker.socket:
             self.listeners.append(FirecrackerServer(cfg, self.sessions))
+        if cfg.criu.enabled:
+            from .criu.server import CriuListener
+
+            self.listeners.append(CriuListener(cfg.criu, cfg.session, self.sessions))
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()

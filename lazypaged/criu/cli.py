@@ -1,0 +1,158 @@
+"""``lazypaged criu-lazy-pages``: a drop-in for ``criu lazy-pages``.
+
+    lazypaged criu-lazy-pages -D IMAGES [-W WORKDIR] [--page-server --address A --port P]
+                              [--status-fd FD] [-o LOGFILE] [-v[N]]
+
+serves one ``criu restore --lazy-pages`` and exits: 0 once every page of
+every task is in (or the task exited), 1 when the restore or a session
+failed, 2 on bad usage. Options not listed here are refused, not ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from .. import log as logsetup
+from ..config import ConfigError, load
+from ..sessions import SessionTable
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+#: criu's verbosity levels (-v0 … -v4; 2 is criu's default) as log levels.
+_LEVELS = {0: "error", 1: "error", 2: "info", 3: "info"}
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "criu-lazy-pages",
+        help="serve `criu restore --lazy-pages` in place of `criu lazy-pages`",
+        description=(
+            "Serve the lazy memory of one `criu restore --lazy-pages` from a CRIU image directory or from "
+            "the page server of `criu dump --lazy-pages`, then exit (0: every page is in)."
+        ),
+    )
+    p.add_argument("-D", "--images-dir", type=Path, default=Path("."), help="CRIU images directory (default .)")
+    p.add_argument("-W", "--work-dir", type=Path, help="where lazy-pages.socket and the log go (default: images dir)")
+    p.add_argument("--page-server", action="store_true", help="fetch pages from a page server (needs --address/--port)")
+    p.add_argument("--address", help="page server address")
+    p.add_argument("--port", type=int, help="page server port")
+    p.add_argument(
+        "--page-server-header",
+        choices=["auto", "4.1", "4.2"],
+        default="auto",
+        help="page-server header layout of the dumping criu (auto: from the pagemap images)",
+    )
+    p.add_argument("--status-fd", type=int, help="write one NUL byte to this fd once listening, then close it")
+    p.add_argument("-o", "--log-file", help="log file (relative names are in the work dir; default stderr)")
+    p.add_argument("--verbosity", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default="json")
+    p.add_argument("--config", "-c", type=Path, help="lazypaged TOML for the [session] and [criu] settings")
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    """criu's ``-v``, ``-vv`` and ``-v4`` spellings as ``--verbosity=N``."""
+    out = []
+    count = 0
+    for a in argv:
+        if m := re.fullmatch(r"-v(\d)", a):
+            out.append(f"--verbosity={m.group(1)}")
+        elif re.fullmatch(r"-v+", a):
+            count += len(a) - 1
+        else:
+            out.append(a)
+    if count:
+        out.append(f"--verbosity={2 + count}")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from .server import LazyPagesServer, PageServer
+
+    if args.page_server and (not args.address or not args.port):
+        print("lazypaged criu-lazy-pages: --page-server needs --address and --port", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.address or args.port) and not args.page_server:
+        print("lazypaged criu-lazy-pages: --address/--port only make sense with --page-server", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        print(f"lazypaged: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    images = args.images_dir.resolve()
+    work = (args.work_dir or images).resolve()
+    if not images.is_dir() or not work.is_dir():
+        bad = images if not images.is_dir() else work
+        print(f"lazypaged criu-lazy-pages: {bad} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    level = _LEVELS.get(args.verbosity, "debug")
+    stream: Any = sys.stderr
+    if args.log_file:
+        path = Path(args.log_file)
+        stream = open(work / path if not path.is_absolute() else path, "a", buffering=1)  # noqa: SIM115
+    logsetup.setup(args.log_format, level, stream)
+    log = structlog.get_logger()
+    ps = None
+    if args.page_server:
+        c = cfg.criu
+        ps = PageServer(args.address, args.port, args.page_server_header, c.page_server_window)
+    from ..daemon import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(_main(images, work, cfg.session, ps, args.status_fd, log, LazyPagesServer))
+    except FileExistsError as e:
+        log.error("cannot_listen", error=str(e))
+        print(f"lazypaged criu-lazy-pages: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    finally:
+        loop.close()
+        if stream is not sys.stderr:
+            stream.close()
+
+
+async def _main(
+    images: Path, work: Path, session_cfg: Any, ps: Any, status_fd: int | None, log: Any, server_cls: Any
+) -> int:
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+    table = SessionTable()
+
+    def finished(result: Any) -> None:
+        if not done.done():
+            done.set_result(bool(result.ok))
+
+    def stop() -> None:
+        log.warning("criu_lazy_pages_interrupted", action="unfinished targets are killed, never left to read zeros")
+        if not done.done():
+            done.set_result(False)
+
+    server = server_cls(
+        images, work, replace(session_cfg), table, page_server=ps, once=True, log=log, on_run_done=finished
+    )
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    try:
+        await server.start()
+        if status_fd is not None:
+            try:
+                os.write(status_fd, b"\0")
+                os.close(status_fd)
+            except OSError as e:
+                log.warning("status_fd_failed", fd=status_fd, error=str(e))
+        ok = await done
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        server.stop_accepting()
+        await server.close_connections()
+    return EXIT_OK if ok else EXIT_FAIL
