@@ -7,12 +7,15 @@ import asyncio
 import itertools
 import os
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lazypaged.snapshot import ChunkError, FormatError, SnapshotReader, create_from_raw
+from lazypaged.snapshot import ChunkError, FormatError, SnapshotReader, SnapshotWriter, create_from_raw
 from lazypaged.sources import RawImageSource, SourceError
 from lazypaged.sources.compressed import ZERO_RUN_MIN_PAGES, CompressedSnapshotSource, MappedSnapshotSource
 from lazypaged.sources.open import open_source
@@ -284,3 +287,39 @@ def test_damaged_snapshot_is_not_served_as_raw(tmp_path: Path, image: tuple[Path
         open_source(path)
     with pytest.raises(SourceError, match="cannot open"):
         open_source(tmp_path / "missing")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layout=st.sampled_from(["zstd", "raw"]),
+    regions=st.lists(st.lists(st.sampled_from([0, 0, 1]), min_size=1, max_size=40), min_size=1, max_size=3),
+    chunk_pages=st.sampled_from([1, 4, 8, 16]),
+    ranges=st.lists(st.tuples(st.integers(0, 200), st.integers(1, 60)), min_size=1, max_size=8),
+)
+def test_any_page_pattern_is_served_exactly(
+    layout: str, regions: list[list[int]], chunk_pages: int, ranges: list[tuple[int, int]]
+) -> None:
+    """Whatever the zero pattern, regions and chunk size: the bytes are right and
+    zero extents cover zero pages only."""
+    rnd = random.Random(len(regions))
+    datas = [b"".join(rnd.randbytes(PAGE) if p else bytes(PAGE) for p in pattern) for pattern in regions]
+    total = sum(len(d) for d in datas)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "h.lzs"
+        with SnapshotWriter(out, chunk_size=chunk_pages * PAGE, raw=layout == "raw") as w:
+            for n, d in enumerate(datas):
+                w.add_region(f"r{n}", len(d), [d[k : k + w.chunk_size] for k in range(0, len(d), w.chunk_size)])
+            w.finish()
+        image = b"".join(datas)
+        src = open_source(out)
+        try:
+            for first, count in ranges:
+                off = min(first, total // PAGE - 1) * PAGE
+                ln = min(count * PAGE, total - off)
+                ext = src.extents(off, ln)
+                assert gather(ext) == image[off : off + ln]
+                for e in ext:
+                    if e.address == 0:
+                        assert image[e.offset : e.offset + e.length] == bytes(e.length)
+        finally:
+            src.close()

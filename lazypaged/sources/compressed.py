@@ -25,6 +25,7 @@ it is returned, and the same chunk fails the same way next time.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import functools
 import mmap
@@ -51,7 +52,30 @@ _SPARE_SLABS = 8
 #: Decompression threads per source; the machine has few cores to share.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
-_Runs = tuple[tuple[int, int], ...]
+_ZERO_RUN = b"\1" * ZERO_RUN_MIN_PAGES
+
+
+def _long_zero_runs(flags: bytes, pa: int, pb: int) -> list[tuple[int, int]]:
+    """Runs of at least ZERO_RUN_MIN_PAGES zero pages, clipped to pages [pa, pb).
+
+    A run counts by its whole length, even where it reaches past the range."""
+    out = []
+    pos = pa
+    if pa < pb and flags[pa]:
+        end = flags.find(0, pa)
+        end = len(flags) if end < 0 else end
+        if end - (flags.rfind(0, 0, pa) + 1) >= ZERO_RUN_MIN_PAGES:
+            out.append((pa, min(end, pb)))
+        pos = end
+    while pos < pb:
+        start = flags.find(_ZERO_RUN, pos, pb + ZERO_RUN_MIN_PAGES - 1)
+        if start < 0 or start >= pb:
+            break
+        end = flags.find(0, start)
+        end = len(flags) if end < 0 else end
+        out.append((start, min(end, pb)))
+        pos = end
+    return out
 
 
 def _add(out: list[Extent], e: Extent) -> None:
@@ -68,91 +92,91 @@ def _add(out: list[Extent], e: Extent) -> None:
     out.append(e)
 
 
+#: A piece of a request: [start, end) in the source, and the chunk serving it
+#: (-1: served as zeros).
+_Piece = tuple[int, int, int]
+
+
 class _SnapshotSourceBase(PageSource):
     def __init__(self, reader: SnapshotReader) -> None:
         self.reader = reader
         self.name = reader.name
         self.size = reader.size
-        self._runs: dict[int, _Runs] = {}
+        self._region_offsets = [r.offset for r in reader.regions]
 
     @property
     def regions(self) -> tuple[Region, ...]:
         """The snapshot's regions (name, original address, offset in this source)."""
         return self.reader.regions
 
-    def _chunks_for(self, offset: int, length: int) -> range:
-        self.check_range(offset, length)
-        if length == 0:
-            return range(0)
-        return range(self.reader.chunk_at(offset), self.reader.chunk_at(offset + length - 1) + 1)
+    def _pieces(self, offset: int, length: int) -> list[_Piece]:
+        """Split a request into zero pieces and pieces of single data chunks.
 
-    def _data_chunks(self, offset: int, length: int) -> list[int]:
-        """Chunks whose part of the range holds a non-zero page: only those are read."""
-        out = []
+        Zero runs of ZERO_RUN_MIN_PAGES or more become zero pieces; shorter
+        ones are copied with the data around them (splitting them out would
+        cost two more ioctls than copying those few pages), unless a piece
+        holds no data page at all. Works on whole runs of the zero bitmap with
+        bytes.find, so scattered zero pages cost no Python per page."""
+        self.check_range(offset, length)
+        out: list[_Piece] = []
         end = offset + length
         rd = self.reader
-        for i in self._chunks_for(offset, length):
-            c = rd.index.chunks[i]
-            if c.kind == ChunkKind.ZERO:
-                continue
-            page = rd.regions[c.region].page_size
-            a = (max(offset, c.offset) - c.offset) // page
-            b = -(-(min(end, c.offset + c.length) - c.offset) // page)
-            if rd.zero_flags(i).find(0, a, b) >= 0:
-                out.append(i)
+        ri = bisect.bisect_right(self._region_offsets, offset) - 1
+        while offset < end:
+            r = rd.regions[ri]
+            stop = min(end, r.offset + r.length)
+            page = r.page_size
+            flags = rd.index.zero_pages[ri]
+            pa, pb = (offset - r.offset) // page, -(-(stop - r.offset) // page)
+            pos = pa
+            for zs, ze in _long_zero_runs(flags, pa, pb):
+                if zs > pos:
+                    self._data_pieces(r, flags, pos, zs, offset, stop, out)
+                out.append((max(offset, r.offset + zs * page), min(stop, r.offset + ze * page), -1))
+                pos = ze
+            if pos < pb:
+                self._data_pieces(r, flags, pos, pb, offset, stop, out)
+            offset = stop
+            ri += 1
         return out
 
-    def _zero_runs(self, i: int) -> _Runs:
-        """Byte ranges in chunk ``i`` served as zeros: runs of ZERO_RUN_MIN_PAGES or more."""
-        runs = self._runs.get(i)
-        if runs is None:
-            c = self.reader.index.chunks[i]
-            page = self.reader.regions[c.region].page_size
-            flags = self.reader.zero_flags(i)
-            found = []
-            p = flags.find(1)
-            while p >= 0:
-                q = flags.find(0, p)
-                q = len(flags) if q < 0 else q
-                if q - p >= ZERO_RUN_MIN_PAGES:
-                    found.append((p * page, q * page))
-                p = flags.find(1, q)
-            runs = self._runs[i] = tuple(found)
-        return runs
-
-    def _build(self, offset: int, length: int, addresses: dict[int, tuple[int, object]]) -> list[Extent]:
-        """Extents for [offset, offset+length) given each data chunk's (address, owner).
-
-        Zero runs shorter than ZERO_RUN_MIN_PAGES inside a data chunk are
-        copied with their neighbours: splitting them out would cost two more
-        ioctls than copying those few pages."""
-        out: list[Extent] = []
-        end = offset + length
+    def _data_pieces(self, r: Region, flags: bytes, pa: int, pb: int, lo: int, hi: int, out: list[_Piece]) -> None:
+        """Pages [pa, pb) of region ``r`` (clipped to source [lo, hi)), cut at chunk edges."""
+        page = r.page_size
+        per_chunk = self.reader.header.chunk_size // page
         chunks = self.reader.index.chunks
-        for i in self._chunks_for(offset, length):
-            c = chunks[i]
-            lo, hi = max(offset, c.offset), min(end, c.offset + c.length)
-            at = addresses.get(i)
-            if at is None:  # a zero chunk, or only zero pages of it asked for
-                _add(out, Extent(lo, hi - lo, 0))
-                continue
-            addr, owner = at
-            base = addr - c.offset  # address of source offset x is base + x
-            pos = lo
-            for zs, ze in self._zero_runs(i):
-                zs, ze = max(pos, c.offset + zs), min(hi, c.offset + ze)
-                if zs >= ze:
-                    continue
-                if zs > pos:
-                    _add(out, Extent(pos, zs - pos, base + pos, owner))
-                _add(out, Extent(zs, ze - zs, 0))
-                pos = ze
-            if pos < hi:
-                _add(out, Extent(pos, hi - pos, base + pos, owner))
+        p = pa
+        while p < pb:
+            k = p // per_chunk
+            q = min(pb, (k + 1) * per_chunk)
+            ci = r.first_chunk + k
+            data = chunks[ci].kind != ChunkKind.ZERO and flags.find(0, p, q) >= 0
+            out.append((max(lo, r.offset + p * page), min(hi, r.offset + q * page), ci if data else -1))
+            p = q
+
+    def _build(self, pieces: list[_Piece], addresses: dict[int, tuple[int, object]]) -> list[Extent]:
+        """Extents for the pieces, given each data chunk's (address, owner)."""
+        out: list[Extent] = []
+        chunks = self.reader.index.chunks
+        for start, stop, ci in pieces:
+            if ci < 0:
+                _add(out, Extent(start, stop - start, 0))
+            else:
+                addr, owner = addresses[ci]
+                _add(out, Extent(start, stop - start, addr + start - chunks[ci].offset, owner))
         return out
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _chunks_of(pieces: list[_Piece]) -> list[int]:
+    """The data chunks the pieces need, in order, each once."""
+    out: list[int] = []
+    for _, _, ci in pieces:
+        if ci >= 0 and (not out or out[-1] != ci):
+            out.append(ci)
+    return out
 
 
 class _Slab:
@@ -272,9 +296,10 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         return out
 
     def extents(self, offset: int, length: int) -> list[Extent]:
+        pieces = self._pieces(offset, length)
         have: dict[int, tuple[int, object]] = {}
         missing = []
-        for i in self._data_chunks(offset, length):
+        for i in _chunks_of(pieces):
             hit = self._cached(i)
             if hit is None:
                 missing.append(i)
@@ -291,14 +316,15 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
                     raise err
                 self._remember(i, slab, off)
                 have[i] = (slab.address + off, slab)
-        return self._build(offset, length, have)
+        return self._build(pieces, have)
 
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         loop = asyncio.get_running_loop()
+        pieces = self._pieces(offset, length)
         have: dict[int, tuple[int, object]] = {}
         waits: dict[int, tuple[_Job, _Slab, int]] = {}
         missing = []
-        for i in self._data_chunks(offset, length):
+        for i in _chunks_of(pieces):
             hit = self._cached(i)
             if hit is not None:
                 have[i] = (hit[0].address + hit[1], hit[0])
@@ -330,7 +356,7 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
                 have[i] = (slab.address + off, slab)
         if first_error is not None:
             raise first_error
-        return self._build(offset, length, have)
+        return self._build(pieces, have)
 
     def _settle(self, slab: _Slab, part: list[tuple[int, int]], job: _Job) -> None:
         """On the loop, when a decode job ends: cache what decoded, forget the job."""
@@ -379,15 +405,16 @@ class MappedSnapshotSource(_SnapshotSourceBase):
     def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._base:
             raise SourceError(f"{self.name}: source is closed")
+        pieces = self._pieces(offset, length)
         addrs: dict[int, tuple[int, object]] = {}
-        for i in self._data_chunks(offset, length):
+        for i in _chunks_of(pieces):
             c = self.reader.index.chunks[i]
             addr = self._base + c.frame_offset + c.data_offset
             if not self._verified[i]:
                 self.reader.check(i, memoryview((ctypes.c_char * c.length).from_address(addr)).cast("B"))
                 self._verified[i] = 1
             addrs[i] = (addr, None)
-        return self._build(offset, length, addrs)
+        return self._build(pieces, addrs)
 
     def close(self) -> None:
         base, self._base = self._base, 0
