@@ -31,6 +31,22 @@ class SessionConfig:
 
 
 @dataclass(frozen=True)
+class WorkingSetConfig:
+    """Working-set record and replay (docs/working-set.md)."""
+
+    #: Replay a recorded working set first; record one where none exists.
+    enabled: bool = True
+    #: Faults recorded during this many seconds after the handoff.
+    record_seconds: float = 10.0
+    #: At most this many bytes of working set per image.
+    max_bytes: int = 256 << 20
+    #: Recording granule: one chunk of the image per first fault.
+    granule: int = 64 << 10
+    #: Where records live; empty: beside each image as IMAGE.ws.
+    dir: str = ""
+
+
+@dataclass(frozen=True)
 class FirecrackerConfig:
     """The Firecracker-compatible handoff listener (off while ``socket`` is empty)."""
 
@@ -73,6 +89,122 @@ class CriuConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """[control]: the socket ``lazypaged status`` asks (docs/operations.md)."""
+
+    #: Unix socket path; empty: control.sock in the handoff socket's directory.
+    socket: str = ""
+    #: Permissions of the control socket (octal string, like the handoff socket's).
+    socket_mode: int = 0o660
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """"127.0.0.1:9478", "[::1]:9478", ":9478" (every address) → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{text!r} is not host:port (an IPv6 address in brackets: [::1]:9478)")
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1], int(port)
+    if ":" in host:
+        raise ConfigError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:9478")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """[metrics]: Prometheus endpoint at http://ADDRESS/metrics (off by default)."""
+
+    enabled: bool = False
+    #: host:port to listen on; IPv6 as "[::1]:9478"; port 0 picks a free one.
+    address: str = "127.0.0.1:9478"
+
+    def check(self) -> None:
+        try:
+            parse_host_port(self.address)
+        except ConfigError as e:
+            raise ConfigError(f"metrics.address: {e}") from None
+
+
+@dataclass(frozen=True)
+class TimelineConfig:
+    """[timeline]: a JSON timeline per finished session (off by default)."""
+
+    enabled: bool = False
+    directory: Path = Path("/var/lib/lazypaged/timelines")
+    #: Seconds between two samples of a session's counters.
+    interval: float = 0.05
+    #: Newest files kept in the directory; 0 keeps all.
+    keep: int = 1000
+
+    def check(self) -> None:
+        if not 0.001 <= self.interval <= 60:
+            raise ConfigError(f"timeline.interval = {self.interval} must be between 0.001 and 60 seconds")
+        if self.keep < 0:
+            raise ConfigError("timeline.keep must not be negative")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """[export]: serve snapshots read-only to other lazypaged daemons (docs/peer-protocol.md)."""
+
+    #: TCP address to listen on, "HOST:PORT" ("[::1]:7070" for IPv6); empty: no export.
+    listen: str = ""
+    #: Snapshot names (inside snapshot_dirs) that peers may read; nothing else is served.
+    snapshots: tuple[Path, ...] = ()
+    #: PEM files for TLS with mutual verification: this daemon's certificate and
+    #: key, and the CA that client certificates must chain to.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    #: Allow plaintext on a non-loopback address (no authentication at all).
+    insecure: bool = False
+    #: zstd level for raw data on the wire (0: send it as it is). Compressed
+    #: snapshot chunks always travel as they are when the client accepts zstd.
+    compress_level: int = 0
+    #: Reads one connection may have in flight.
+    max_inflight: int = 256
+    #: Connections served at once.
+    max_connections: int = 64
+
+    def check(self) -> None:
+        from .peer_tls import check_export
+
+        check_export(self)
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """[remote]: reading pages from peers, named ``peer://HOST:PORT/NAME``."""
+
+    #: PEM files: this daemon's client certificate and key, and the CA the
+    #: peers' certificates must chain to. Empty tls_ca: plaintext.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    #: Name checked in the peer's certificate instead of the HOST of the URL.
+    server_name: str = ""
+    #: Allow plaintext to a non-loopback peer.
+    insecure: bool = False
+    #: Offer zstd on the wire (the peer decides whether to use it).
+    compression: bool = True
+    #: Seconds for one connection attempt, TLS handshake included.
+    connect_timeout: float = 5.0
+    #: Reads outstanding and nothing received for this long: the link is
+    #: taken for dead, dropped and re-established.
+    stall_timeout: float = 5.0
+    #: Longest wait for a lost peer to come back before the reads waiting on
+    #: it fail (their sessions fail; targets stay blocked, never get zeros).
+    reconnect_deadline: float = 60.0
+    #: Reconnect backoff doubles from 50 ms up to this many seconds.
+    backoff_max: float = 1.0
+
+    def check(self) -> None:
+        from .peer_tls import check_remote
+
+        check_remote(self)
+
+
+@dataclass(frozen=True)
 class Config:
     handoff_socket: Path = Path("/run/lazypaged/handoff.sock")
     #: Permissions of the handoff socket (octal in TOML as a string, e.g. "0660").
@@ -88,8 +220,14 @@ class Config:
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     session: SessionConfig = field(default_factory=SessionConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    timeline: TimelineConfig = field(default_factory=TimelineConfig)
     criu: CriuConfig = field(default_factory=CriuConfig)
     firecracker: FirecrackerConfig = field(default_factory=FirecrackerConfig)
+    working_set: WorkingSetConfig = field(default_factory=WorkingSetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def validate(self) -> Config:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -105,6 +243,10 @@ class Config:
         if bool(self.firecracker.socket) != bool(self.firecracker.mem_file):
             raise ConfigError("firecracker.socket and firecracker.mem_file go together: set both or neither")
         self.criu.check()
+        self.metrics.check()
+        self.timeline.check()
+        self.export.check()
+        self.remote.check()
         if not self.snapshot_dirs:
             raise ConfigError("snapshot_dirs must name at least one directory")
         if self.max_sessions < 1 or self.max_message_bytes < 1024:

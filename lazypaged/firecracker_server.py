@@ -168,6 +168,7 @@ class FirecrackerServer:
             pidfd=pidfd,
             log=structlog.get_logger().bind(session=sid, kind="firecracker", pid=cred.pid),
             host=self.sessions,
+            working_set=self.cfg.working_set,
         )
         session.on_end = lambda s: _ended(s, src)
         self.sessions.add(session)

@@ -153,9 +153,11 @@ class SessionOptions:
 
     fault_around: bool | None = None
     fill: bool | None = None
+    #: Replay the image's recorded working set first, or record one.
+    working_set: bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("fault_around", "fill"):
+        for name in ("fault_around", "fill", "working_set"):
             v = getattr(self, name)
             if v is not None:
                 _check_bool(f"option {name}", v)
@@ -253,7 +255,8 @@ def _range_map(r: RangeSpec) -> dict[str, Any]:
 def _to_map(msg: Message) -> dict[str, Any]:
     if isinstance(msg, RestoreRequest):
         o = msg.options
-        opts = {k: v for k, v in (("fault_around", o.fault_around), ("fill", o.fill)) if v is not None}
+        pairs = (("fault_around", o.fault_around), ("fill", o.fill), ("working_set", o.working_set))
+        opts = {k: v for k, v in pairs if v is not None}
         body: dict[str, Any] = {
             "type": "restore",
             "registered": msg.registered,
@@ -343,6 +346,7 @@ def _from_map(m: dict[str, Any]) -> Message:
                 options=SessionOptions(
                     fault_around=_get(raw_opts, "fault_around", bool, default=None),
                     fill=_get(raw_opts, "fill", bool, default=None),
+                    working_set=_get(raw_opts, "working_set", bool, default=None),
                 ),
             )
         if kind == "accepted":

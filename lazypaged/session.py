@@ -54,7 +54,8 @@ from typing import Any, Protocol
 import structlog
 
 from . import uffd as _uffd
-from .config import SessionConfig
+from . import workingset
+from .config import SessionConfig, WorkingSetConfig
 from .sources import Extent, PageSource, SourceError
 from .sources.raw import ZERO_CHECK_MAX, zeros_address
 from .uffd import abi
@@ -69,6 +70,8 @@ _ONES = b"\x01" * (64 << 20 >> 12)  # marks up to 64 MiB of 4 KiB pages in one s
 _INFLIGHT_TO_MISSING = bytes.maketrans(b"\x02", b"\x00")
 #: Asynchronous fetches the fill keeps in flight per session.
 FILL_INFLIGHT = 4
+#: Bytes of working set installed without waking, then one UFFDIO_WAKE.
+REPLAY_BATCH = 4 << 20
 
 
 class Region:
@@ -182,6 +185,7 @@ class RestoreSession:
         log: Any = None,
         host: SessionHost | None = None,
         fill_paused: bool = False,
+        working_set: WorkingSetConfig | None = None,
     ) -> None:
         self.id = sid
         self.kind = kind
@@ -211,6 +215,12 @@ class RestoreSession:
         #: Fill waits for :meth:`start_fill` (CRIU: only after end-of-restore).
         self._fill_paused = fill_paused
         self._fill_started = False
+        self._ws_cfg = working_set
+        self._recorders: dict[int, workingset.Recorder] = {}
+        self._record_until = 0.0
+        self._replay_sets: list[workingset.WorkingSet] = []
+        self._replaying = False
+        self._batch_lo = self._batch_hi = 0
         self._window = 0  # current fault-around window, bytes
         self._seq_next = -1
         self._fill_region = 0
@@ -250,7 +260,11 @@ class RestoreSession:
             self._readers.append(self._pidfd)
         self._on_readable()  # faults that arrived before we listened
         self._check_complete()
-        if not self._fill_paused:
+        plan = self._prepare_working_set()
+        if plan and self.outcome is None:
+            self._replaying = True
+            self._spawn(self._replay(plan))
+        elif not self._fill_paused:
             self.start_fill()
         try:
             return await asyncio.shield(self._done)
@@ -260,10 +274,17 @@ class RestoreSession:
             for t in list(self._tasks):
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
+            await self._save_working_set()
+            for ws in self._replay_sets:
+                ws.close()
+            if self.on_end is not None:
+                self.on_end(self)
 
     def start_fill(self) -> None:
         """Begin streaming the remaining pages (once; faults are served anyway)."""
         self._fill_paused = False
+        if self._replaying:
+            return  # the replay starts the fill when it is done
         if self._fill_enabled and not self._fill_started and self.outcome is None and self._loop is not None:
             self._fill_started = True
             self._spawn(self._fill())
@@ -312,8 +333,6 @@ class RestoreSession:
             self._release()
         if self._done is not None and not self._done.done():
             self._done.set_result(outcome)
-        if self.on_end is not None:
-            self.on_end(self)
 
     def _release(self) -> None:
         if self.uffd.closed:
@@ -443,6 +462,8 @@ class RestoreSession:
                 j = k
             self._seq_next = m.start + ((j - m.first) << r.shift)
             self._fill_region, self._fill_page = self._region_index[id(r)], j
+            if self._recorders:
+                self._record(r, i, j)
             if r.source.synchronous:
                 before = st.bytes_copied + st.bytes_zero
                 self._install(r, i, j)
@@ -554,7 +575,7 @@ class RestoreSession:
             a = (e.offset - r.offset) >> r.shift
             self._put(r, a, a + (e.length >> r.shift), e.address, want)
 
-    def _put(self, r: Region, a: int, b: int, src: int, want: int) -> None:
+    def _put(self, r: Region, a: int, b: int, src: int, want: int, *, wake: bool = True) -> None:
         """Install pages [a, b) of ``r`` that are still in state ``want``.
 
         ``src`` is the daemon address of page ``a``'s bytes (0: zeros). Each
@@ -585,10 +606,10 @@ class RestoreSession:
             n = (end - pos) << shift
             try:
                 if src:
-                    done = uffd.copy(dst, src + ((pos - a) << shift), n)
+                    done = uffd.copy(dst, src + ((pos - a) << shift), n, wake=wake)
                     st.bytes_copied += done
                 elif r.zeropage:
-                    done = uffd.zeropage(dst, n)
+                    done = uffd.zeropage(dst, n, wake=wake)
                     st.bytes_zero += done
                 else:
                     done = self._copy_zeros(dst, n)
@@ -610,6 +631,10 @@ class RestoreSession:
             bm[pos : pos + cnt] = _ONES[:cnt] if cnt <= len(_ONES) else b"\x01" * cnt
             st.pages_missing -= cnt
             pos += cnt
+            if not wake:  # the caller wakes the whole batch at once
+                lo, hi = dst, dst + done
+                self._batch_lo = min(self._batch_lo, lo) if self._batch_hi else lo
+                self._batch_hi = max(self._batch_hi, hi)
 
     def _copy_zeros(self, dst: int, n: int) -> int:
         """Zeros for memory without UFFDIO_ZEROPAGE (hugetlb): copy a zero buffer."""
@@ -732,6 +757,114 @@ class RestoreSession:
         )
         self.log.info("target_forked", child_session=sid)
         self.host.adopt(child)
+
+    # -- working set ----------------------------------------------------------
+    def _prepare_working_set(self) -> list[tuple[Region, int, int, int, workingset.WorkingSet, workingset.WsChunk]]:
+        """Load each source's record (replay plan) or start recording it.
+
+        A session records only where no usable record exists: a replayed
+        session sees few faults, and its record would be worse than the one
+        it replayed (docs/working-set.md).
+        """
+        cfg = self._ws_cfg
+        if cfg is None or not cfg.enabled:
+            return []
+        plan = []
+        for src in {id(r.source): r.source for r in self.regions if r.page == PAGE}.values():
+            ws, why = workingset.load(src, cfg.dir)
+            if ws is None:
+                if why:
+                    self.log.warning("working_set_unusable", source=src.name, reason=why)
+                if workingset.ws_path(src, cfg.dir) is None:
+                    continue  # nowhere to keep a record
+                self._recorders[id(src)] = workingset.Recorder(src, cfg.granule, max(1, cfg.max_bytes // cfg.granule))
+                continue
+            self._replay_sets.append(ws)
+            regions = [r for r in self.regions if r.source is src and r.page == PAGE]
+            for c in ws.chunks:
+                c0 = c.index * ws.granule
+                c1 = min(c0 + ws.granule, src.size)
+                for r in regions:
+                    lo, hi = max(c0, r.offset), min(c1, r.offset + (r.npages << r.shift))
+                    if lo < hi:
+                        plan.append((r, (lo - r.offset) >> r.shift, (hi - r.offset) >> r.shift, lo - c0, ws, c))
+            self.log.info("working_set_replay", source=src.name, chunks=len(ws.chunks), recorded_faults=ws.faults)
+        if self._recorders:
+            self._record_until = time.monotonic() + cfg.record_seconds
+        return plan
+
+    def _record(self, r: Region, i: int, j: int) -> None:
+        rec = self._recorders.get(id(r.source))
+        if rec is None or time.monotonic() > self._record_until:
+            return
+        rec.note(r.offset + (i << r.shift), r.offset + (j << r.shift))
+
+    async def _replay(
+        self, plan: list[tuple[Region, int, int, int, workingset.WorkingSet, workingset.WsChunk]]
+    ) -> None:
+        """Install the recorded working set in order, in batches, faults first."""
+        t0 = time.monotonic()
+        installed = 0
+        batch = 0
+        try:
+            for r, i, j, skip, ws, c in plan:
+                if self.outcome is not None:
+                    return
+                if r.bitmap.find(MISSING, i, j) == -1:
+                    continue
+                if not ws.has_data:  # order only: ask the source, all at once
+                    r.bitmap[i:j] = bytes(r.bitmap[i:j]).replace(b"\x00", b"\x02")
+                    self._spawn(self._fetch_install(r, i, j, fault=False))
+                    continue
+                length = min(ws.granule, r.source.size - c.index * ws.granule)
+                if not ws.verify(c, length):
+                    self.log.warning("working_set_chunk_corrupt", path=str(ws.path), chunk=c.index)
+                    continue  # faults and fill serve it from the source
+                before = self.stats.bytes_copied + self.stats.bytes_zero
+                self._put(r, i, j, c.address + skip if c.address else 0, MISSING, wake=False)
+                done = self.stats.bytes_copied + self.stats.bytes_zero - before
+                installed += done
+                batch += done
+                if batch >= REPLAY_BATCH:
+                    self._wake_batch()
+                    batch = 0
+                    self._check_complete()
+                    self._on_readable()  # faults first
+                    await asyncio.sleep(0)
+            self._wake_batch()
+            self.stats.bytes_fill += installed
+            self.log.info("working_set_replayed", bytes=installed, seconds=round(time.monotonic() - t0, 4))
+            self._check_complete()
+        finally:
+            self._wake_batch()
+            self._replaying = False
+            if not self._fill_paused and self.outcome is None:
+                self.start_fill()
+
+    def _wake_batch(self) -> None:
+        if self._batch_hi:
+            lo, hi = self._batch_lo, self._batch_hi
+            self._batch_lo = self._batch_hi = 0
+            with contextlib.suppress(_uffd.UffdError):
+                self.uffd.wake(lo, hi - lo)
+
+    async def _save_working_set(self) -> None:
+        cfg = self._ws_cfg
+        if cfg is None or self.state not in ("complete", "target_exited"):
+            return
+        for rec in self._recorders.values():
+            if not rec.order:
+                continue
+            path = workingset.ws_path(rec.src, cfg.dir)
+            if path is None:
+                continue
+            elapsed = min(self.stats.seconds, cfg.record_seconds)
+            try:
+                n = await asyncio.to_thread(workingset.save, rec, path, elapsed)
+            except (OSError, SourceError) as e:
+                self.log.warning("working_set_not_saved", path=str(path), error=str(e))
+                continue
+            self.log.info("working_set_recorded", path=str(path), chunks=len(rec.order), faults=rec.faults, bytes=n)
 
     # -- fill ---------------------------------------------------------------------
     def _next_fill(self) -> tuple[int, int]:

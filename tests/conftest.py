@@ -91,7 +91,11 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise TimeoutError(f"daemon did not listen on {path}")
 
 
-def start_daemon(tmp: Path, extra_config: str = "", session_config: str = "") -> DaemonHandle:
+def start_daemon(
+    tmp: Path, extra_config: str = "", session_config: str = "", *, working_set: bool = False
+) -> DaemonHandle:
+    """A daemon on a private socket and snapshot dir. Working-set replay is off
+    unless asked for, so fault counts in tests do not depend on test order."""
     snaps = tmp / "snapshots"
     snaps.mkdir(exist_ok=True)
     sock = tmp / "handoff.sock"
@@ -100,6 +104,7 @@ def start_daemon(tmp: Path, extra_config: str = "", session_config: str = "") ->
         f'[daemon]\nhandoff_socket = "{sock}"\nsnapshot_dirs = ["{snaps}"]\n'
         f'log_format = "json"\nlog_level = "debug"\nshutdown_grace = 5.0\n{extra_config}\n'
         f"[session]\n{session_config}\n"
+        f"[working_set]\nenabled = {str(working_set).lower()}\n"
     )
     log = tmp / "daemon.log"
     with open(log, "wb") as lf:

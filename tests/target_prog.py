@@ -32,9 +32,12 @@ def main() -> int:
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--split", type=int, default=1, help="hand over as N ranges backed in reverse order")
-    ap.add_argument("--touch", default="seq", choices=["seq", "random", "threads", "write", "syscall", "hold", "none"])
+    ap.add_argument(
+        "--touch", default="seq", choices=["seq", "random", "threads", "write", "syscall", "hold", "none", "subset"]
+    )
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--no-fill", action="store_true")
+    ap.add_argument("--no-working-set", action="store_true")
     ap.add_argument("--no-fault-around", action="store_true")
     ap.add_argument("--wait", action="store_true", help="wait for the completion message")
     ap.add_argument("--memory", default="anon", choices=["anon", "shmem", "hugetlb"])
@@ -60,7 +63,11 @@ def main() -> int:
     # Range i of the target is backed by part (split-1-i) of the image slice.
     backing = [args.offset + (args.split - 1 - i) * part for i in range(args.split)]
     ranges = [RangeSpec(addr + i * part, part, args.name, backing[i], page_size) for i in range(args.split)]
-    opts = SessionOptions(fill=False if args.no_fill else None, fault_around=False if args.no_fault_around else None)
+    opts = SessionOptions(
+        fill=False if args.no_fill else None,
+        fault_around=False if args.no_fault_around else None,
+        working_set=False if args.no_working_set else None,
+    )
     try:
         h = restore(args.socket, ranges, options=opts)
     except HandoffError as e:
@@ -83,6 +90,17 @@ def main() -> int:
     elif args.touch == "seq":
         for p in range(npages):
             _ = mem[p * PAGE]
+    elif args.touch == "subset":
+        # A fixed, scattered tenth of the pages in a repeatable order, then
+        # exit: only those pages are checked, the rest is never read.
+        order = list(range(npages))
+        random.Random(7).shuffle(order)
+        subset = order[: npages // 10]
+        for p in subset:
+            _ = mem[p * PAGE]
+        bad = [p for p in subset if mem[p * PAGE : (p + 1) * PAGE] != expected[p * PAGE : (p + 1) * PAGE]]
+        print(json.dumps({"ok": not bad, "first_bad": bad[0] * PAGE if bad else -1}), flush=True)
+        return 0 if not bad else 3
     elif args.touch == "random":
         order = list(range(npages))
         random.Random(1).shuffle(order)

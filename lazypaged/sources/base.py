@@ -37,6 +37,8 @@ class PageSource(ABC):
 
     #: Human name for logs and status (e.g. the snapshot's relative path).
     name: str
+    #: The file behind the source, when it is one (working-set records live beside it).
+    path: str | None = None
     size: int
     synchronous: bool = True
 
