@@ -208,8 +208,12 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def lazypaged_daemon(work: Path, snapshots: Path, session_toml: str) -> Iterator[Daemon]:
-    """``lazypaged serve`` in a subprocess, with its own socket, config and log."""
+def lazypaged_daemon(work: Path, snapshots: Path, session_toml: str, extra_toml: str = "") -> Iterator[Daemon]:
+    """``lazypaged serve`` in a subprocess, with its own socket, config and log.
+
+    ``session_toml`` is the body of the [session] table; ``extra_toml`` is
+    appended as is (further tables).
+    """
     sock = work / "lazypaged.sock"
     cfg = work / "lazypaged.toml"
     cfg.write_text(
@@ -219,7 +223,7 @@ def lazypaged_daemon(work: Path, snapshots: Path, session_toml: str) -> Iterator
         'log_format = "json"\n'
         'log_level = "info"\n'
         "shutdown_grace = 5.0\n"
-        "\n[session]\n" + session_toml
+        "\n[session]\n" + session_toml + "\n" + extra_toml
     )
     logf = work / "lazypaged.log"
     with open(logf, "wb") as lf:

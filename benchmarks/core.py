@@ -18,11 +18,14 @@ medians over the runs; ratios are ratios of those medians.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import common
@@ -38,6 +41,13 @@ fault_around_min = 65536
 fault_around_max = 2097152
 fill = true
 fill_chunk = 2097152
+"""
+#: Working-set replay (installing what earlier restores of the image touched
+#: first) is off: every restore here starts from nothing, like the baselines.
+#: The working-set group measures it.
+EXTRA_TOML = """\
+[working_set]
+enabled = false
 """
 RANDOM_TOUCHES = 20000
 TARGET = Path(__file__).resolve().parent / "target.py"
@@ -67,11 +77,21 @@ def _target(opts: Options, lib: Path, image: Path, mode: str, *extra: str) -> di
     return out
 
 
+@dataclass
+class _Setup:
+    opts: Options
+    lib: Path
+    image: Path
+    lp: tuple[str, ...]  # target arguments to reach lazypaged
+    cs: tuple[str, ...]  # ... and the C handler
+    touches: int
+    servers: dict[str, int]  # pid of each server, for its CPU time
+
+
 def run(opts: Options) -> GroupResult:
     bins = common.build_c()
     lib = bins["touch"]
-    npages = opts.size // PAGE
-    touches = min(RANDOM_TOUCHES, npages // 2)
+    touches = min(RANDOM_TOUCHES, opts.size // PAGE // 2)
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lazypaged-bench-", dir=opts.workdir) as tmp:
         work = Path(tmp)
@@ -84,63 +104,86 @@ def run(opts: Options) -> GroupResult:
         log(opts, f"image written and read in {time.monotonic() - t0:.1f} s")
         s: dict[str, list[float]] = {}
         with (
-            common.lazypaged_daemon(work, snaps, SESSION_TOML) as daemon,
+            common.lazypaged_daemon(work, snaps, SESSION_TOML, EXTRA_TOML) as daemon,
             common.c_handler(bins["handler"], work, image) as chandler,
         ):
-            lp = ("--socket", str(daemon.socket), "--name", image.name)
-            cs = ("--socket", str(chandler.socket))
-            rnd = ("--count", str(touches))
-            servers = {"c": chandler.pid, "lp": daemon.proc.pid}
-            rewarmed = 0
-            for i in range(opts.runs):
-                log(opts, f"run {i + 1}/{opts.runs}")
+            setup = _Setup(
+                opts,
+                lib,
+                image,
+                ("--socket", str(daemon.socket), "--name", image.name),
+                ("--socket", str(chandler.socket)),
+                touches,
+                {"c": chandler.pid, "lp": daemon.proc.pid},
+            )
+            done = rewarmed = discarded = 0
+            while done < opts.runs:
+                log(opts, f"run {done + 1}/{opts.runs}")
                 rewarmed += _ensure_cached(lib, image, opts.size)
-                flip = i % 2 == 1
-
-                r = _target(opts, lib, image, "pread")
-                common.collect(s, "pread_s", r["ns"] / 1e9)
-
-                for mode in _pair("kernel-lazy", "lp-seq", flip):
-                    if mode == "kernel-lazy":
-                        r = _target(opts, lib, image, mode)
-                        common.collect(s, "kernel_lazy_s", r["ns"] / 1e9)
-                    else:
-                        r = _target(opts, lib, image, mode, *lp)
-                        common.collect(s, "lp_seq_s", r["ns"] / 1e9)
-                        common.collect(s, "lp_seq_complete_s", r["complete_ns"] / 1e9)
-
-                for who in _pair("c", "lp", flip):
-                    cpu0 = common.cpu_ns(servers[who])
-                    if who == "c":
-                        r = _target(opts, lib, image, "c-random", *cs, *rnd)
-                    else:
-                        r = _target(opts, lib, image, "lp-random", *lp, *rnd)
-                    cpu = common.cpu_ns(servers[who]) - cpu0
-                    common.collect(s, f"{who}_fault_mean_us", r["mean_us"])
-                    common.collect(s, f"{who}_fault_p50_us", r["p50_us"])
-                    common.collect(s, f"{who}_fault_p99_us", r["p99_us"])
-                    common.collect(s, f"{who}_fault_cpu_us", cpu / r["touches"] / 1e3)
-
-                for mode in _pair("c-precopy", "lp-fill", flip):
-                    if mode == "c-precopy":
-                        r = _target(opts, lib, image, mode, *cs)
-                        common.collect(s, "c_precopy_s", r["ns"] / 1e9)
-                        common.collect(s, "c_precopy_loop_s", r["loop_ns"] / 1e9)
-                    else:
-                        r = _target(opts, lib, image, mode, *lp)
-                        common.collect(s, "lp_fill_s", r["ns"] / 1e9)
-
-                r = _target(opts, lib, image, "lp-first", *lp)
-                common.collect(s, "lp_first_ms", r["ns"] / 1e6)
-                common.collect(s, "lp_handoff_ms", r["handoff_ns"] / 1e6)
-                r = _target(opts, lib, image, "lp-first-nofill", *lp)
-                common.collect(s, "lp_first_nofill_ms", r["ns"] / 1e6)
+                one = _one_run(setup, flip=done % 2 == 1)
+                if _cached_fraction(lib, image, opts.size) < 0.999:
+                    # Part of the image left the page cache during the run
+                    # (memory pressure, someone dropping caches): not comparable.
+                    discarded += 1
+                    if discarded > opts.runs:
+                        raise BenchError("the image keeps leaving the page cache during runs")
+                    continue
+                for k, v in one.items():
+                    common.collect(s, k, v)
+                done += 1
             problems = _daemon_problems(daemon.log)
     if rewarmed:
         notes.append(f"the image had left the page cache and was read again before {rewarmed} run(s)")
+    if discarded:
+        notes.append(f"{discarded} run(s) discarded: the image left the page cache while they ran")
     if problems:
         notes.append(f"lazypaged logged {len(problems)} error(s), first: {problems[0]}")
     return _result(opts, s, what, touches, notes)
+
+
+def _one_run(su: _Setup, *, flip: bool) -> dict[str, float]:
+    """Every measurement once; ``flip`` swaps the order within each pair."""
+    opts, lib, image = su.opts, su.lib, su.image
+    out: dict[str, float] = {}
+    r = _target(opts, lib, image, "pread")
+    out["pread_s"] = r["ns"] / 1e9
+
+    for mode in _pair("kernel-lazy", "lp-seq", flip):
+        if mode == "kernel-lazy":
+            r = _target(opts, lib, image, mode)
+            out["kernel_lazy_s"] = r["ns"] / 1e9
+        else:
+            r = _target(opts, lib, image, mode, *su.lp)
+            out["lp_seq_s"] = r["ns"] / 1e9
+            out["lp_seq_complete_s"] = r["complete_ns"] / 1e9
+
+    for who in _pair("c", "lp", flip):
+        cpu0 = common.cpu_ns(su.servers[who])
+        if who == "c":
+            r = _target(opts, lib, image, "c-random", *su.cs, "--count", str(su.touches))
+        else:
+            r = _target(opts, lib, image, "lp-random", *su.lp, "--count", str(su.touches))
+        cpu = common.cpu_ns(su.servers[who]) - cpu0
+        out[f"{who}_fault_mean_us"] = r["mean_us"]
+        out[f"{who}_fault_p50_us"] = r["p50_us"]
+        out[f"{who}_fault_p99_us"] = r["p99_us"]
+        out[f"{who}_fault_cpu_us"] = cpu / r["touches"] / 1e3
+
+    for mode in _pair("c-precopy", "lp-fill", flip):
+        if mode == "c-precopy":
+            r = _target(opts, lib, image, mode, *su.cs)
+            out["c_precopy_s"] = r["ns"] / 1e9
+            out["c_precopy_loop_s"] = r["loop_ns"] / 1e9
+        else:
+            r = _target(opts, lib, image, mode, *su.lp)
+            out["lp_fill_s"] = r["ns"] / 1e9
+
+    r = _target(opts, lib, image, "lp-first", *su.lp)
+    out["lp_first_ms"] = r["ns"] / 1e6
+    out["lp_handoff_ms"] = r["handoff_ns"] / 1e6
+    r = _target(opts, lib, image, "lp-first-nofill", *su.lp)
+    out["lp_first_nofill_ms"] = r["ns"] / 1e6
+    return out
 
 
 def _ensure_cached(lib: Path, image: Path, size: int) -> int:
@@ -158,9 +201,7 @@ def _pair(a: str, b: str, flip: bool) -> tuple[str, str]:
 
 
 def _cached_fraction(lib: Path, image: Path, size: int) -> float:
-    import ctypes
-    import os
-
+    """Fraction of the image resident in the page cache (mincore)."""
     c = ctypes.CDLL(str(lib))
     c.bench_cached_ppm.argtypes = [ctypes.c_int, ctypes.c_size_t]
     c.bench_cached_ppm.restype = ctypes.c_int64
@@ -175,6 +216,7 @@ def _cached_fraction(lib: Path, image: Path, size: int) -> float:
 
 
 def _daemon_problems(logf: Path) -> list[str]:
+    """Errors the daemon logged, and anything that would skew the comparison."""
     out = []
     for line in logf.read_text(errors="replace").splitlines():
         try:
@@ -183,6 +225,8 @@ def _daemon_problems(logf: Path) -> list[str]:
             continue
         if ev.get("level") in ("error", "critical") or ev.get("event") == "session_bug":
             out.append(line[:300])
+        elif str(ev.get("event", "")).startswith("working_set_replay"):
+            out.append(f"working-set replay ran although it is configured off: {line[:200]}")
     return out
 
 
@@ -201,7 +245,7 @@ def _result(opts: Options, s: dict[str, list[float]], what: str, touches: int, n
     res.setup = [
         f"image: {opts.size_mib} MiB of {what}, in the page cache",
         f"{opts.runs} runs, medians [min–max]; THP {_thp()}; lazypaged [session] defaults "
-        "(fault-around 64 KiB→2 MiB, fill 2 MiB chunks)",
+        "(fault-around 64 KiB→2 MiB, fill 2 MiB chunks), working-set replay off",
     ]
     env = _environment_note()
     if env:
