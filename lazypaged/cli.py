@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     from .snapshot.commands import add_parser as add_snapshot_parser
 
     add_snapshot_parser(sub)
+    from .ops_commands import add_parsers as add_ops_parsers
+
+    add_ops_parsers(sub)
     from .criu.cli import add_parser as add_criu_parser
 
     add_criu_parser(sub)
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from .snapshot.commands import run as run_snapshot
 
         return run_snapshot(args)
+    if args.command in ("status", "report"):
+        from .ops_commands import run as run_ops
+
+        return run_ops(args)
     return EXIT_USAGE  # pragma: no cover
 
 

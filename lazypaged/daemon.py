@@ -36,6 +36,7 @@ from .config import Config
 from .firecracker_server import FirecrackerServer
 from .handoff_server import HandoffServer
 from .notify import notify
+from .operations import listeners as operator_listeners
 from .sessions import SessionTable
 from .sources.registry import SourceRegistry
 
@@ -62,6 +63,8 @@ class Daemon:
         self.listeners: list[Listener] = []
         if cfg.firecracker.socket:
             self.listeners.append(FirecrackerServer(cfg, self.sessions))
+        #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
+        self.listeners += operator_listeners(self)
         if cfg.criu.enabled:
             from .criu.server import CriuListener
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
@@ -27,6 +27,9 @@ class SessionTable:
         self._registry = registry
         self._children: set[asyncio.Task[Outcome]] = set()
         self.log = structlog.get_logger()
+        #: Called with each session as it leaves the table, its stats final
+        #: (metrics totals, timelines). A hook must not raise.
+        self.on_removed: list[Callable[[RestoreSession], None]] = []
 
     def add(self, s: RestoreSession) -> None:
         self._live[s.id] = s
@@ -35,6 +38,8 @@ class SessionTable:
     def _released(self, s: RestoreSession) -> None:
         if self._live.pop(s.id, None) is not None:
             self.finished += 1
+            for hook in self.on_removed:
+                hook(s)
         self._changed.set()
 
     def adopt(self, child: RestoreSession) -> None:
