@@ -278,10 +278,10 @@ def test_zero_chunk_frame_damage_found_by_verify(tmp_path: Path, image: tuple[Pa
 def _patched_writer(monkeypatch: pytest.MonkeyPatch, frame_for: object) -> None:
     orig = SnapshotWriter._encode
 
-    def encode(self: SnapshotWriter, data: bytes | None, length: int, page_size: int) -> _Encoded:
+    def encode(self: SnapshotWriter, data: bytes | memoryview | None, length: int, page_size: int) -> _Encoded:
         e = orig(self, data, length, page_size)
-        if e.kind == fmt.ChunkKind.ZSTD and data is not None and data.startswith(b"BADCHUNK"):
-            return dataclasses.replace(e, frame=frame_for(data))  # type: ignore[operator]
+        if e.kind == fmt.ChunkKind.ZSTD and data is not None and bytes(data[:8]) == b"BADCHUNK":
+            return dataclasses.replace(e, frame=frame_for(bytes(data)))  # type: ignore[operator]
         return e
 
     monkeypatch.setattr(SnapshotWriter, "_encode", encode)

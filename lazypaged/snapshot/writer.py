@@ -29,6 +29,7 @@ DEFAULT_LEVEL = 3
 _WINDOW_PER_WORKER = 4
 
 Progress = Callable[[int], None]
+Chunk = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,7 @@ class WriteStats:
 @dataclass(frozen=True, slots=True)
 class _Encoded:
     kind: fmt.ChunkKind
-    data: bytes | None  # the chunk (raw layout) or None
+    data: Chunk | None  # the chunk (raw layout) or None
     frame: bytes  # the whole frame, except for raw chunks (written page by page)
     zero_flags: bytes
     digest: bytes
@@ -95,6 +96,7 @@ class SnapshotWriter:
         self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="lzpg-enc")
         self._local = threading.local()
         self._zero_digests: dict[int, bytes] = {}
+        self._zero_chunks: dict[int, bytes] = {}
         self._regions: list[fmt.Region] = []
         self._chunks: list[fmt.Chunk] = []
         self._zero_pages: list[bytes] = []
@@ -116,14 +118,16 @@ class SnapshotWriter:
         self,
         name: str,
         length: int,
-        chunks: Iterable[bytes | None],
+        chunks: Iterable[Chunk | None],
         *,
         start: int | None = None,
         page_size: int = PAGE_SIZE,
     ) -> None:
         """Append a region; ``chunks`` yields its bytes chunk by chunk (None: all zero).
 
-        Every chunk has ``chunk_size`` bytes except a shorter last one."""
+        Every chunk has ``chunk_size`` bytes except a shorter last one. A chunk
+        is used until at most :attr:`in_flight` later chunks have been taken,
+        so an iterator may recycle its buffers after that many."""
         if self._done:
             raise ValueError("writer already finished")
         if any(r.name == name for r in self._regions):
@@ -136,8 +140,8 @@ class SnapshotWriter:
         self._regions.append(fmt.Region(name, start, length, page_size, offset, len(self._chunks), count))
         flags = bytearray()
         window: deque[tuple[int, Future[_Encoded]]] = deque()
-        limit = self._workers * _WINDOW_PER_WORKER
-        it: Iterator[bytes | None] = iter(chunks)
+        limit = self.in_flight
+        it: Iterator[Chunk | None] = iter(chunks)
         for k in range(count):
             want = min(self.chunk_size, length - k * self.chunk_size)
             data = next(it, b"")
@@ -152,9 +156,11 @@ class SnapshotWriter:
                     self._progress(n)
         self._zero_pages.append(bytes(flags))
 
-    def _encode(self, data: bytes | None, length: int, page_size: int) -> _Encoded:
+    def _encode(self, data: Chunk | None, length: int, page_size: int) -> _Encoded:
         pages = length // page_size
-        if data is None or data.count(0) == length:
+        if data is not None and not isinstance(data, bytes):
+            data = bytes(data)  # memoryview comparisons go byte by byte; bytes use memcmp
+        if data is None or data == self._zeros(length):
             return _Encoded(fmt.ChunkKind.ZERO, None, zf.zero_frame(length), b"\1" * pages, self._zero_digest(length))
         zero_page = bytes(page_size)
         flags = bytes(data[p : p + page_size] == zero_page for p in range(0, length, page_size))
@@ -165,6 +171,12 @@ class SnapshotWriter:
         if cctx is None:
             cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
         return _Encoded(fmt.ChunkKind.ZSTD, None, cctx.compress(data), flags, digest)
+
+    def _zeros(self, length: int) -> bytes:
+        z = self._zero_chunks.get(length)
+        if z is None:
+            z = self._zero_chunks[length] = bytes(length)
+        return z
 
     def _zero_digest(self, length: int) -> bytes:
         d = self._zero_digests.get(length)
@@ -190,14 +202,19 @@ class SnapshotWriter:
         self._entries.append((self._pos - self._frames_end, length))
         self._frames_end = self._pos
 
-    def _write(self, data: bytes) -> None:
+    @property
+    def in_flight(self) -> int:
+        """Chunks being encoded at once (see :meth:`add_region`)."""
+        return self._workers * _WINDOW_PER_WORKER
+
+    def _write(self, data: Chunk) -> None:
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
             self._pos += n
 
-    def _write_sparse(self, data: bytes, zero_flags: bytes, page_size: int) -> None:
+    def _write_sparse(self, data: Chunk, zero_flags: bytes, page_size: int) -> None:
         """Write non-zero pages; leave zero pages as holes (they read back as zeros)."""
         pages = len(zero_flags)
         p = 0
@@ -257,21 +274,24 @@ class SnapshotWriter:
 
 
 def read_chunks(
-    fd: int, offset: int, length: int, chunk_size: int, holes: list[tuple[int, int]]
-) -> Iterator[bytes | None]:
-    """Chunks of a file range; None for chunks lying wholly in a hole (not read)."""
+    fd: int, offset: int, length: int, chunk_size: int, holes: list[tuple[int, int]], ring: int
+) -> Iterator[memoryview | None]:
+    """Chunks of a file range, read into ``ring`` recycled buffers (a fresh
+    buffer per chunk costs more in page faults than the read); None for
+    chunks lying wholly in a hole, which are not read."""
+    bufs = [bytearray(chunk_size) for _ in range(ring)]
     hi = 0
-    for pos in range(offset, offset + length, chunk_size):
+    for n_chunk, pos in enumerate(range(offset, offset + length, chunk_size)):
         n = min(chunk_size, offset + length - pos)
         while hi < len(holes) and holes[hi][1] <= pos:
             hi += 1
         if hi < len(holes) and holes[hi][0] <= pos and pos + n <= holes[hi][1]:
             yield None
             continue
-        data = os.pread(fd, n, pos)
-        if len(data) != n:
+        view = memoryview(bufs[n_chunk % ring])[:n]
+        if os.preadv(fd, [view], pos) != n:
             raise OSError(f"short read at {pos:#x}: the file shrank while being read")
-        yield data
+        yield view
 
 
 def create_from_raw(
@@ -291,7 +311,7 @@ def create_from_raw(
         if size == 0 or size % PAGE_SIZE:
             raise ValueError(f"{src}: size {size} is not a positive multiple of the page size {PAGE_SIZE}")
         with SnapshotWriter(out, chunk_size=chunk_size, level=level, raw=raw, progress=progress) as w:
-            chunks = read_chunks(fd, 0, size, w.chunk_size, find_holes(fd, size))
+            chunks = read_chunks(fd, 0, size, w.chunk_size, find_holes(fd, size), ring=w.in_flight + 2)
             w.add_region(region_name or Path(src).name, size, chunks)
             return w.finish()
     finally:
