@@ -55,7 +55,7 @@ class Listener(Protocol):
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.registry = SourceRegistry(cfg.snapshot_dirs)
+        self.registry = SourceRegistry(cfg.snapshot_dirs, cfg.remote)
         self.sessions = SessionTable(self.registry)
         self.handoff = HandoffServer(cfg, self.registry, self.sessions)
         #: Started in this order after the handoff socket; stopped with it.
@@ -69,6 +69,10 @@ class Daemon:
             from .criu.server import CriuListener
 
             self.listeners.append(CriuListener(cfg.criu, cfg.session, self.sessions))
+        if cfg.export.listen:
+            from .peer_server import ExportServer
+
+            self.listeners.append(ExportServer(cfg.export, self.registry))
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()

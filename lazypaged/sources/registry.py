@@ -5,6 +5,8 @@ name is resolved with every symlink followed and must land inside one of
 those directories: absolute paths, ``..`` and links that point outside are
 refused, so a client can only ever read what the operator put there.
 Opened sources are shared between sessions and closed with their last user.
+Names of the form ``peer://HOST:PORT/NAME`` are exports of another lazypaged,
+read over the network (sources/remote.py); they bypass the directory rules.
 
 A snapshot is a regular file: a lazypaged snapshot (recognised by its magic)
 or a raw memory image. Anything else is refused without being opened (a
@@ -18,8 +20,10 @@ import os
 import stat
 from pathlib import Path
 
+from ..config import RemoteConfig
 from .base import PageSource, SourceError
 from .open import open_source
+from .remote import PeerPool, RemoteSource
 
 #: Lookup errors that mean "no such snapshot here" rather than "broken".
 _NOT_THERE = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP})
@@ -34,9 +38,11 @@ class ForbiddenSource(SourceError):
 
 
 class SourceRegistry:
-    def __init__(self, snapshot_dirs: tuple[Path, ...]) -> None:
+    def __init__(self, snapshot_dirs: tuple[Path, ...], remote: RemoteConfig | None = None) -> None:
         self._dirs = [Path(os.path.realpath(d)) for d in snapshot_dirs]
         self._open: dict[tuple[int, int], tuple[PageSource, int]] = {}
+        #: ``peer://HOST:PORT/NAME`` sources, shared per peer (sources/remote.py).
+        self.peers = PeerPool(remote)
 
     def resolve(self, name: str) -> Path:
         """The real path of snapshot ``name``, or raise."""
@@ -59,6 +65,8 @@ class SourceRegistry:
         raise UnknownSource(f"no snapshot named {name!r} in {', '.join(map(str, self._dirs))}")
 
     def acquire(self, name: str) -> PageSource:
+        if PeerPool.handles(name):
+            return self.peers.acquire(name)
         path = self.resolve(name)
         try:
             st = path.stat()
@@ -76,7 +84,15 @@ class SourceRegistry:
         self._open[key] = (src, 1)
         return src
 
+    async def acquire_async(self, name: str) -> PageSource:
+        """:meth:`acquire` without blocking the event loop on a peer's first contact."""
+        if PeerPool.handles(name):
+            return await self.peers.acquire_async(name)
+        return self.acquire(name)
+
     def release(self, src: PageSource) -> None:
+        if isinstance(src, RemoteSource) and self.peers.release(src):
+            return
         for key, (s, refs) in list(self._open.items()):
             if s is src:
                 if refs <= 1:
@@ -88,9 +104,10 @@ class SourceRegistry:
 
     @property
     def open_sources(self) -> list[PageSource]:
-        return [s for s, _ in self._open.values()]
+        return [s for s, _ in self._open.values()] + list(self.peers.open_sources)
 
     def close(self) -> None:
+        self.peers.close()
         for s, _ in self._open.values():
             s.close()
         self._open.clear()

@@ -1,0 +1,449 @@
+"""Exporting snapshots to other lazypaged daemons over TCP (``[export]``).
+
+The asyncio layer around ``peer_protocol.ServerConnection``: it accepts,
+sets up TLS, moves bytes, and turns reads into DATA frames from the
+exported sources. Rules of this file:
+
+* Only the snapshots named in ``[export] snapshots`` are served, opened
+  through the daemon's registry (so the same name rules apply) when the
+  listener starts. Every read is checked against its export's size by the
+  protocol core before it reaches a source; sources check again.
+* A connection that breaks the protocol gets one ERROR frame with the reason
+  and is closed; nothing it sends can affect other connections.
+* Reads are answered in the order they arrived on their connection, with
+  the next reads' sources already working (pipelined). Urgent and bulk
+  reads travel on different connections, so an urgent read never queues
+  behind bulk data, in our buffers or the kernel's.
+* Bytes handed to the transport stay valid until written: mmap-backed
+  extents are referenced (the sources stay open until every connection is
+  closed); extents whose memory is recycled (``owner`` set) are copied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import socket
+import ssl
+import struct
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import zstandard
+
+from . import peer_protocol as pp
+from .config import ExportConfig
+from .peer_tls import server_context, split_host_port
+from .snapshot.format import checksum
+from .sources.base import Extent, PageSource, SourceError
+from .sources.registry import SourceRegistry
+
+#: Write buffer marks per connection: DATA frames are 1 MiB, so a few are
+#: queued while the kernel drains the socket, and no more.
+WRITE_HIGH = 4 << 20
+WRITE_LOW = 1 << 20
+#: Seconds a new connection has to say who it is (preamble, TLS handshake).
+HANDSHAKE_TIMEOUT = 10.0
+#: TCP keepalive for exporter sockets: a reader that vanished is noticed.
+_KEEPALIVE = (30, 10, 3)  # idle s, interval s, probes
+
+
+@dataclass
+class Export:
+    name: str
+    source: PageSource
+    identity: bytes
+
+
+def identity_of(source: PageSource) -> bytes:
+    """16 bytes that change when the image does (content for snapshots, file
+    identity and modification time for raw images)."""
+    reader = getattr(source, "reader", None)
+    if reader is not None:
+        sums = b"".join(c.checksum for c in reader.index.chunks)
+        return checksum(b"snapshot" + struct.pack("<Q", source.size) + sums)
+    path = getattr(source, "path", None)
+    if isinstance(path, str):
+        st = os.stat(path)
+        return checksum(b"raw" + struct.pack("<QQQQ", source.size, st.st_dev, st.st_ino, st.st_mtime_ns))
+    return checksum(b"source" + struct.pack("<Q", source.size) + source.name.encode())
+
+
+class ExportServer:
+    """The ``[export]`` listener (one of ``Daemon.listeners``)."""
+
+    def __init__(self, cfg: ExportConfig, registry: SourceRegistry) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.host, self.port = split_host_port(cfg.listen, any_port=True)
+        self.log = structlog.get_logger().bind(listener="export")
+        self.exports: dict[str, Export] = {}
+        self._tls = server_context(cfg)
+        self._sock: socket.socket | None = None
+        self._conns: set[_ExportProtocol] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pool_compress: zstandard.ZstdCompressor | None = (
+            zstandard.ZstdCompressor(level=cfg.compress_level) if cfg.compress_level else None
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._sock is not None
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        for p in self.cfg.snapshots:
+            name = str(p)
+            src = self.registry.acquire(name)
+            try:
+                self.exports[name] = Export(name, src, identity_of(src))
+            except BaseException:
+                self.registry.release(src)
+                raise
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"export listener on {self.cfg.listen}: {e.strerror}") from None
+        sock.setblocking(False)
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept)
+        self.log.info(
+            "export_listening",
+            address=self.cfg.listen,
+            tls=self._tls is not None,
+            exports={n: e.source.size for n, e in self.exports.items()},
+        )
+
+    def stop_accepting(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+    async def close_connections(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for c in list(self._conns):
+            c.abort()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Transports may still reference mmap-backed memory until closed.
+        await asyncio.sleep(0)
+        for e in self.exports.values():
+            self.registry.release(e.source)
+        self.exports.clear()
+
+    # -- accepting ---------------------------------------------------------------------
+    def _accept(self) -> None:
+        while self._sock is not None:
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                self.log.error("export_accept_failed", error=e.strerror)
+                return
+            if len(self._conns) + len(self._tasks) >= self.cfg.max_connections:
+                _refuse_plain(
+                    conn, pp.ErrorCode.BUSY, f"the exporter already serves {self.cfg.max_connections} connections"
+                )
+                self.log.warning("peer_refused", peer=_fmt(addr), code="busy")
+                continue
+            task = asyncio.get_running_loop().create_task(self._setup(conn, _fmt(addr)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _setup(self, conn: socket.socket, peer: str) -> None:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        _tune(conn)
+        log = self.log.bind(peer=peer)
+        try:
+            first = await asyncio.wait_for(_peek(loop, conn, len(pp.PREAMBLE)), HANDSHAKE_TIMEOUT)
+        except (TimeoutError, OSError):
+            conn.close()
+            return
+        plaintext = first.startswith(pp.PREAMBLE[: len(first)]) and bool(first)
+        if self._tls is not None and plaintext:
+            _refuse_plain(conn, pp.ErrorCode.AUTH, "this exporter requires TLS with a client certificate")
+            log.warning("peer_refused", code="auth", reason="plaintext connection to a TLS listener")
+            return
+        proto = _ExportProtocol(self, log)
+        try:
+            if self._tls is not None:
+                await loop.connect_accepted_socket(
+                    lambda: proto, conn, ssl=self._tls, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+                )
+            else:
+                await loop.connect_accepted_socket(lambda: proto, conn)
+        except (ssl.SSLError, OSError, TimeoutError) as e:
+            log.warning("peer_refused", code="auth", reason=f"TLS handshake failed: {e}")
+            conn.close()
+            return
+
+    def _export(self, name: str) -> Export | None:
+        return self.exports.get(name)
+
+
+def _fmt(addr: Any) -> str:
+    try:
+        host, port = addr[0], addr[1]
+    except (TypeError, IndexError):
+        return str(addr)
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _tune(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _KEEPALIVE[0])
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE[1])
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, _KEEPALIVE[2])
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) -> bytes:
+    """The first bytes the client sent, left in the socket (b"" on EOF)."""
+    while True:
+        try:
+            return conn.recv(n, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(conn.fileno())
+
+
+def _refuse_plain(conn: socket.socket, code: pp.ErrorCode, message: str) -> None:
+    """Answer with a plaintext ERROR and close (best effort, never blocks)."""
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(pp.PREAMBLE + pp.encode_error(0, code, message))
+    conn.close()
+
+
+class _ExportProtocol(asyncio.BufferedProtocol):
+    """One client connection."""
+
+    def __init__(self, server: ExportServer, log: Any) -> None:
+        self.server = server
+        self.log = log
+        self.conn = pp.ServerConnection(max_inflight=server.cfg.max_inflight)
+        self.transport: asyncio.Transport | None = None
+        self.urgent = False
+        self._queue: deque[tuple[pp.Read, asyncio.Task[list[Extent]]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._handles: dict[int, Export] = {}
+        self._closing = False
+        self.bytes_sent = 0
+
+    # -- transport callbacks ------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        self.server._conns.add(self)
+        cert = transport.get_extra_info("peercert")
+        if cert:
+            self.log = self.log.bind(client=_subject(cert))
+        self._flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.conn.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._conns.discard(self)
+        self._closing = True
+        for _, task in self._queue:
+            task.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
+        self._can_write.set()
+        self.log.info("peer_disconnected", reads_left=len(self._queue), error=str(exc) if exc else None)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- protocol events ------------------------------------------------------------------
+    def _process(self) -> None:
+        if self._closing:
+            return
+        try:
+            while True:
+                ev = self.conn.next_event()
+                if ev is pp.NEED_DATA:
+                    break
+                if ev is pp.CLOSED:
+                    self._close()
+                    break
+                self._handle(ev)
+        except pp.RemoteProtocolError as e:
+            self.log.warning("peer_protocol_error", code=pp.ErrorCode.name_of(e.code), error=str(e))
+            self.conn.fatal(e.code, str(e))
+            self._close()
+        self._flush()
+
+    def _handle(self, ev: object) -> None:
+        if isinstance(ev, pp.Hello):
+            self.urgent = ev.role == "urgent"
+            self.log = self.log.bind(role=ev.role)
+            self.log.info(
+                "peer_connected", agent=ev.agent, version=self.conn.version, encodings=list(self.conn.encodings)
+            )
+        elif isinstance(ev, pp.Open):
+            export = self.server._export(ev.name)
+            if export is None:
+                self.conn.refuse_open(ev.handle, pp.ErrorCode.UNKNOWN_EXPORT, f"no export named {ev.name!r} here")
+                self.log.warning("peer_refused", code="unknown_export", export=ev.name)
+            else:
+                self._handles[ev.handle] = export
+                self.conn.opened(ev.handle, export.source.size, export.identity)
+        elif isinstance(ev, pp.Read):
+            export = self._handles[ev.handle]
+            task = asyncio.get_running_loop().create_task(self._fetch(export, ev))
+            self._queue.append((ev, task))
+            if self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._write_replies())
+        elif isinstance(ev, pp.ReadRefused):
+            self.log.info(
+                "peer_read_refused", request=ev.request_id, code=pp.ErrorCode.name_of(ev.code), error=ev.message
+            )
+
+    async def _fetch(self, export: Export, read: pp.Read) -> list[Extent]:
+        src = export.source
+        if self.urgent:
+            return await src.fetch_urgent(read.offset, read.length)
+        return await src.fetch(read.offset, read.length)
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self._flush()
+            self.transport.close()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    # -- replies --------------------------------------------------------------------------
+    async def _write_replies(self) -> None:
+        try:
+            while self._queue and not self._closing:
+                read, task = self._queue[0]
+                try:
+                    extents = await task
+                    if self.urgent or self.server._pool_compress is None or "zstd" not in self.conn.encodings:
+                        self._send(read, extents)
+                    else:
+                        await self._send_compressed(read, extents)
+                except SourceError as e:
+                    self.conn.fail_read(read.request_id, pp.ErrorCode.SOURCE_ERROR, str(e))
+                    self.log.warning("peer_read_failed", request=read.request_id, error=str(e))
+                except pp.LocalProtocolError as e:
+                    self._internal(read, f"the source answered outside the read: {e}")
+                except Exception as e:  # a bug: refuse this read, keep the connection
+                    self.log.error("export_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
+                    self._internal(read, f"{type(e).__name__}: {e}")
+                self._queue.popleft()
+                self._flush()
+                await self._can_write.wait()
+        finally:
+            self._writer = None
+
+    def _internal(self, read: pp.Read, message: str) -> None:
+        if self.conn.remaining(read.request_id):
+            self.conn.fail_read(read.request_id, pp.ErrorCode.INTERNAL, message)
+
+    def _send(self, read: pp.Read, extents: list[Extent]) -> None:
+        _check_cover(read, extents)
+        rid = read.request_id
+        for e in extents:
+            if e.address == 0:
+                self.conn.send_zero(rid, e.length)
+            else:
+                self.conn.send_data(rid, _bytes_at(e))
+                self.bytes_sent += e.length
+
+    async def _send_compressed(self, read: pp.Read, extents: list[Extent]) -> None:
+        _check_cover(read, extents)
+        cctx = self.server._pool_compress
+        assert cctx is not None
+        rid = read.request_id
+        for e in extents:
+            if e.address == 0:
+                self.conn.send_zero(rid, e.length)
+                continue
+            data = _bytes_at(e)
+            view = memoryview(data)
+            for pos in range(0, e.length, pp.DATA_FRAME):
+                piece = view[pos : pos + pp.DATA_FRAME]
+                frame, digest = await asyncio.get_running_loop().run_in_executor(None, _compress, cctx, piece)
+                if len(frame) < len(piece):
+                    self.conn.send_compressed(rid, len(piece), frame, digest)
+                else:
+                    self.conn.send_data(rid, piece)
+                self._flush()
+            self.bytes_sent += e.length
+
+
+def _compress(cctx: zstandard.ZstdCompressor, piece: memoryview) -> tuple[bytes, bytes]:
+    return cctx.compress(piece), checksum(piece)
+
+
+def _check_cover(read: pp.Read, extents: list[Extent]) -> None:
+    pos = read.offset
+    for e in extents:
+        if e.offset != pos or e.length <= 0:
+            raise pp.LocalProtocolError(f"extent at {e.offset:#x} where {pos:#x} was expected")
+        pos += e.length
+    if pos != read.offset + read.length:
+        raise pp.LocalProtocolError(f"extents end at {pos:#x}, the read at {read.offset + read.length:#x}")
+
+
+def _bytes_at(e: Extent) -> bytes | memoryview:
+    """The extent's bytes: referenced if mmap-backed, copied if its memory is recycled."""
+    view = memoryview((ctypes.c_char * e.length).from_address(e.address)).cast("B")
+    if e.owner is None:
+        return view
+    return bytes(view)
+
+
+def _subject(cert: dict[str, Any]) -> str:
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    for kind, value in cert.get("subjectAltName", ()):
+        return f"{kind}:{value}"
+    return "?"

@@ -1,0 +1,763 @@
+"""Pages from another lazypaged: the source behind ``peer://HOST:PORT/NAME``.
+
+Theory of operation.
+
+* One :class:`Peer` per HOST:PORT, shared by every source (and so every
+  session) that reads from it. A peer has two links, each one TCP (or TLS)
+  connection: ``urgent`` carries the reads of faulting threads
+  (:meth:`RemoteSource.fetch_urgent`), ``bulk`` the background fill. The
+  urgent link never queues behind bulk data: not in our queues, not in the
+  exporter's, not in either kernel's socket buffers.
+* A link pipelines reads (up to the window the exporter announced) and
+  receives DATA straight into pooled buffers, which become the extents'
+  memory (``Extent.owner`` keeps a buffer out of the pool until installed).
+  Every byte was verified against its checksum by the protocol core first.
+* When a link drops (reset, EOF, or nothing received for
+  ``stall_timeout`` while reads are outstanding) it reconnects with
+  exponential backoff, re-opens its exports, checks that each is still the
+  same image (its identity), and sends again every read that was in flight.
+  Callers just keep waiting: a faulting thread stays blocked, it never sees
+  an error for a blip. Once a link has been down for ``reconnect_deadline``
+  the reads waiting on it fail with SourceError, and so does their session
+  (the target stays blocked; it never gets zeros).
+* Refusals that retrying cannot fix fail at once: a TLS handshake the peer
+  or we rejected, no common protocol version, an export that is gone or
+  now holds another image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import socket
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from .. import peer_protocol as pp
+from ..config import RemoteConfig
+from ..peer_tls import AddressError, client_context, parse_peer_url, plaintext_allowed
+from .base import Extent, PageSource, SourceError
+
+#: Reads are cut into pieces of at most this many bytes.
+READ_PIECE = 4 << 20
+#: Smallest pooled receive buffer; buffers come in powers of two from here.
+_MIN_BUFFER = 64 << 10
+#: Idle receive buffers kept for reuse (fresh ones page-fault their way in).
+_POOL_BYTES = 64 << 20
+_BACKOFF_START = 0.05
+
+
+class PeerUnavailable(SourceError):
+    """The peer cannot be reached, or refused us for good."""
+
+
+# -- receive buffers --------------------------------------------------------------------
+
+
+class _RecvBuffer:
+    """Memory one read's data lands in; back to the pool when nothing refers to it."""
+
+    __slots__ = ("address", "data", "pool", "view")
+
+    def __init__(self, data: bytearray, length: int, pool: _BufferPool) -> None:
+        self.data = data
+        self.view = memoryview(data)[:length]
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(data))
+        self.pool = pool
+
+    def __del__(self) -> None:
+        self.pool.give_back(self.data)
+
+
+class _BufferPool:
+    def __init__(self, keep_bytes: int = _POOL_BYTES) -> None:
+        self.keep_bytes = keep_bytes
+        self.idle = 0
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, length: int) -> _RecvBuffer:
+        size = max(_MIN_BUFFER, 1 << (length - 1).bit_length())
+        free = self._free.get(size)
+        if free:
+            data = free.pop()
+            self.idle -= size
+        else:
+            data = bytearray(size)
+        return _RecvBuffer(data, length, self)
+
+    def give_back(self, data: bytearray) -> None:
+        if self.idle + len(data) <= self.keep_bytes:
+            self._free.setdefault(len(data), []).append(data)
+            self.idle += len(data)
+
+    def clear(self) -> None:
+        self.keep_bytes = 0
+        self._free.clear()
+        self.idle = 0
+
+
+# -- exports, reads ------------------------------------------------------------------------
+
+
+@dataclass
+class _ExportInfo:
+    name: str
+    handle: int
+    size: int
+    identity: bytes
+    #: Why this export can no longer be read (it vanished or changed), or "".
+    broken: str = ""
+
+
+@dataclass
+class _Pending:
+    export: _ExportInfo
+    offset: int
+    length: int
+    future: asyncio.Future[pp.ReadDone]
+    attempts: int = 0
+
+
+class _Permanent(Exception):
+    """A refusal that retrying will not change."""
+
+
+# -- one connection ---------------------------------------------------------------------------
+
+
+class _LinkProtocol(asyncio.BufferedProtocol):
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.conn = pp.ClientConnection(
+            link.role,
+            encodings=pp.ENCODINGS if link.peer.pool.cfg.compression else (),
+            alloc=link.peer.pool.buffers.take,
+        )
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.welcomed: asyncio.Future[pp.Welcome] = loop.create_future()
+        self.last_rx = loop.time()
+        self.opened: set[int] = set()
+        self.error: str = ""
+        self.pinged = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.conn.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_rx = asyncio.get_running_loop().time()
+        self.pinged = False
+        self.conn.buffer_updated(nbytes)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._process()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.error:
+            self.error = _describe(exc)
+        if not self.welcomed.done():
+            if isinstance(exc, ssl.SSLError):
+                self.welcomed.set_exception(_Permanent(f"TLS refused: {_describe(exc)}"))
+            else:
+                self.welcomed.set_exception(ConnectionError(self.error or "connection closed during the handshake"))
+            self.welcomed.exception()
+        self.link._lost(self, self.error or "connection closed by the peer")
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def abort(self, why: str) -> None:
+        if not self.error:
+            self.error = why
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _process(self) -> None:
+        try:
+            while True:
+                ev = self.conn.next_event()
+                if ev is pp.NEED_DATA:
+                    break
+                if ev is pp.CLOSED:
+                    self.abort("the peer closed the connection")
+                    break
+                self._handle(ev)
+        except pp.RemoteProtocolError as e:
+            self.link.log.warning("peer_protocol_error", error=str(e))
+            self.abort(f"protocol error: {e}")
+            if not self.welcomed.done():
+                self.welcomed.set_exception(_Permanent(f"protocol error: {e}"))
+                self.welcomed.exception()
+        self.flush()
+
+    def _handle(self, ev: object) -> None:
+        link = self.link
+        if isinstance(ev, pp.ReadDone):
+            link._done(ev)
+        elif isinstance(ev, pp.ReadFailed):
+            link._failed(ev)
+        elif isinstance(ev, pp.Welcome):
+            self.welcomed.set_result(ev)
+        elif isinstance(ev, pp.Opened):
+            link.peer._opened(ev)
+        elif isinstance(ev, pp.OpenFailed):
+            link.peer._open_failed(ev)
+        elif isinstance(ev, pp.PeerError):
+            self.error = f"the peer refused: {ev.reason}: {ev.message}"
+            if not self.welcomed.done():
+                exc: Exception = (
+                    _Permanent(self.error)
+                    if ev.code in (pp.ErrorCode.AUTH, pp.ErrorCode.VERSION, pp.ErrorCode.PROTOCOL)
+                    else ConnectionError(self.error)
+                )
+                self.welcomed.set_exception(exc)
+                self.welcomed.exception()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+class _Link:
+    """One role's connection to a peer, re-established as often as needed."""
+
+    def __init__(self, peer: Peer, role: str) -> None:
+        self.peer = peer
+        self.role = role
+        self.log = peer.log.bind(role=role)
+        self.queue: deque[_Pending] = deque()
+        self.sent: dict[int, _Pending] = {}
+        self.proto: _LinkProtocol | None = None
+        self.connector: asyncio.Task[None] | None = None
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.closed = False
+        self.connects = 0
+        self._tick: asyncio.TimerHandle | None = None
+
+    async def read(self, export: _ExportInfo, offset: int, length: int) -> pp.ReadDone:
+        if export.broken:
+            raise SourceError(export.broken)
+        if self.closed:
+            raise SourceError(f"{self.peer.label}: source closed")
+        fut: asyncio.Future[pp.ReadDone] = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(export, offset, length, fut))
+        self._pump()
+        return await fut
+
+    def warm(self) -> None:
+        """Connect now (no read waiting yet), so the first fault does not pay for it."""
+        if self.proto is None:
+            self._ensure_connecting()
+
+    def _pump(self) -> None:
+        proto = self.proto
+        if proto is None:
+            self._ensure_connecting()
+            return
+        conn = proto.conn
+        while self.queue and conn.inflight < conn.max_inflight:
+            p = self.queue.popleft()
+            if p.future.done():
+                continue
+            if p.export.broken:
+                _fail(p, p.export.broken)
+                continue
+            if p.export.handle not in proto.opened:
+                conn.open(p.export.handle, p.export.name)
+                proto.opened.add(p.export.handle)
+            try:
+                rid = conn.read(p.export.handle, p.offset, p.length)
+            except pp.LocalProtocolError as e:
+                _fail(p, f"{self.peer.label}: {e}")
+                continue
+            self.sent[rid] = p
+        proto.flush()
+        self._arm()
+
+    def _ensure_connecting(self) -> None:
+        if self.connector is None and not self.closed:
+            self.connector = asyncio.get_running_loop().create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.peer.pool.cfg
+        delay = _BACKOFF_START
+        if self.down_since is None:
+            self.down_since = loop.time()
+        try:
+            while not self.closed:
+                try:
+                    proto = await self._connect_once()
+                except _Permanent as e:
+                    self.last_error = str(e)
+                    self.log.error("peer_refused_us", error=str(e))
+                    self._fail_all(f"{self.peer.label}: {e}")
+                    self.down_since = None
+                    return
+                except (OSError, TimeoutError, ConnectionError) as e:
+                    self.last_error = (
+                        _describe(e) if not isinstance(e, TimeoutError) else "connection attempt timed out"
+                    )
+                    waited = loop.time() - self.down_since
+                    if waited >= cfg.reconnect_deadline:
+                        self.log.error("peer_unreachable", waited_s=round(waited, 3), error=self.last_error)
+                        self._fail_all(
+                            f"{self.peer.label}: no connection for {waited:.1f} s (deadline "
+                            f"{cfg.reconnect_deadline} s); last error: {self.last_error}"
+                        )
+                        self.down_since = None
+                        return
+                    await asyncio.sleep(min(delay, max(0.0, cfg.reconnect_deadline - waited)))
+                    delay = min(delay * 2, cfg.backoff_max)
+                    continue
+                self.proto = proto
+                self.connects += 1
+                self.log.info(
+                    "peer_link_up",
+                    connects=self.connects,
+                    down_s=round(loop.time() - self.down_since, 3) if self.connects > 1 else None,
+                    resent=len(self.queue),
+                )
+                self.down_since = None
+                self._pump()
+                return
+        finally:
+            self.connector = None
+
+    async def _connect_once(self) -> _LinkProtocol:
+        peer, cfg = self.peer, self.peer.pool.cfg
+        loop = asyncio.get_running_loop()
+        ctx = peer.pool.ssl
+        kw: dict[str, Any] = {}
+        if ctx is not None:
+            kw = {
+                "ssl": ctx,
+                "server_hostname": cfg.server_name or peer.host,
+                "ssl_handshake_timeout": cfg.connect_timeout,
+            }
+
+        async def attempt() -> _LinkProtocol:
+            proto: _LinkProtocol | None = None
+            try:
+                _, proto = await loop.create_connection(lambda: _LinkProtocol(self), peer.host, peer.port, **kw)
+                await proto.welcomed
+                return proto
+            except ssl.SSLError as e:
+                raise _Permanent(f"TLS handshake failed: {_describe(e)}") from None
+            except BaseException:
+                if proto is not None:
+                    proto.abort("connection attempt abandoned")
+                raise
+
+        return await asyncio.wait_for(attempt(), cfg.connect_timeout)
+
+    def _lost(self, proto: _LinkProtocol, why: str) -> None:
+        if self.proto is not proto:
+            return
+        self.proto = None
+        self._disarm()
+        waiting = [p for p in self.sent.values() if not p.future.done()]
+        self.sent.clear()
+        self.queue.extendleft(reversed(waiting))
+        if not self.closed:
+            self.log.warning("peer_link_down", error=why, waiting=len(self.queue))
+        if self.queue and not self.closed:
+            self.down_since = asyncio.get_running_loop().time()
+            self._ensure_connecting()
+
+    def _done(self, ev: pp.ReadDone) -> None:
+        p = self.sent.pop(ev.request_id, None)
+        if p is not None and not p.future.done():
+            p.future.set_result(ev)
+        self._pump()
+
+    def _failed(self, ev: pp.ReadFailed) -> None:
+        p = self.sent.pop(ev.request_id, None)
+        if p is not None and not p.future.done():
+            if ev.code == pp.ErrorCode.CORRUPT and p.attempts == 0:
+                p.attempts += 1
+                self.log.warning("peer_data_corrupt_retrying", error=ev.message)
+                self.queue.appendleft(p)
+            else:
+                _fail(p, f"{self.peer.label}/{p.export.name}: {ev.reason}: {ev.message}")
+        self._pump()
+
+    def _fail_all(self, message: str) -> None:
+        for p in list(self.queue) + list(self.sent.values()):
+            _fail(p, message)
+        self.queue.clear()
+        self.sent.clear()
+
+    def fail_export(self, export: _ExportInfo) -> None:
+        for p in list(self.queue) + list(self.sent.values()):
+            if p.export is export:
+                _fail(p, export.broken)
+
+    # -- stall watchdog ---------------------------------------------------------------------
+    def _arm(self) -> None:
+        if self._tick is None and self.sent and self.proto is not None:
+            period = self.peer.pool.cfg.stall_timeout / 4
+            self._tick = asyncio.get_running_loop().call_later(period, self._check_stall)
+
+    def _disarm(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+
+    def _check_stall(self) -> None:
+        self._tick = None
+        proto = self.proto
+        if proto is None or not self.sent:
+            return
+        idle = asyncio.get_running_loop().time() - proto.last_rx
+        stall = self.peer.pool.cfg.stall_timeout
+        if idle >= stall:
+            self.log.warning("peer_stalled", idle_s=round(idle, 3), outstanding=len(self.sent))
+            proto.abort(f"nothing received for {idle:.1f} s with {len(self.sent)} reads outstanding")
+            return
+        if idle >= stall / 2 and not proto.pinged:
+            proto.pinged = True
+            proto.conn.ping(int(idle * 1000))
+            proto.flush()
+        self._arm()
+
+    def close(self) -> None:
+        self.closed = True
+        self._disarm()
+        if self.connector is not None:
+            self.connector.cancel()
+        self._fail_all(f"{self.peer.label}: source closed")
+        if self.proto is not None:
+            self.proto.abort("closed")
+            self.proto = None
+
+
+def _fail(p: _Pending, message: str) -> None:
+    if not p.future.done():
+        p.future.set_exception(SourceError(message))
+        p.future.exception()  # nobody may be waiting any more
+
+
+# -- peers and the pool ----------------------------------------------------------------------
+
+
+class Peer:
+    """Everything this daemon reads from one HOST:PORT."""
+
+    def __init__(self, pool: PeerPool, host: str, port: int) -> None:
+        self.pool = pool
+        self.host = host
+        self.port = port
+        self.label = f"peer://[{host}]:{port}" if ":" in host else f"peer://{host}:{port}"
+        self.log = structlog.get_logger().bind(peer=self.label)
+        self.exports: dict[str, _ExportInfo] = {}
+        self._by_handle: dict[int, _ExportInfo] = {}
+        self.urgent = _Link(self, "urgent")
+        self.bulk = _Link(self, "bulk")
+        self.refs = 0
+
+    def export(self, name: str, size: int, identity: bytes) -> _ExportInfo:
+        info = self.exports.get(name)
+        if info is None:
+            info = _ExportInfo(name, len(self.exports) + 1, size, identity)
+            self.exports[name] = info
+            self._by_handle[info.handle] = info
+        return info
+
+    def _opened(self, ev: pp.Opened) -> None:
+        info = self._by_handle.get(ev.handle)
+        if info is None or info.broken:
+            return
+        if ev.size != info.size or ev.identity != info.identity:
+            self._broken(
+                info,
+                f"{self.label}/{info.name}: the export now holds a different image "
+                f"({ev.size} bytes, identity {ev.identity.hex()[:16]}…); refusing to mix pages of two images",
+            )
+
+    def _open_failed(self, ev: pp.OpenFailed) -> None:
+        info = self._by_handle.get(ev.handle)
+        if info is not None and not info.broken:
+            self._broken(info, f"{self.label}/{info.name}: the peer refused the export: {ev.reason}: {ev.message}")
+
+    def _broken(self, info: _ExportInfo, message: str) -> None:
+        info.broken = message
+        self.log.error("peer_export_broken", export=info.name, error=message)
+        self.urgent.fail_export(info)
+        self.bulk.fail_export(info)
+
+    def close(self) -> None:
+        self.urgent.close()
+        self.bulk.close()
+
+
+class PeerPool:
+    """The daemon's remote sources, one :class:`Peer` per address, shared."""
+
+    def __init__(self, cfg: RemoteConfig | None = None) -> None:
+        self.cfg = cfg or RemoteConfig()
+        self.ssl = client_context(self.cfg)
+        self.buffers = _BufferPool()
+        self.peers: dict[tuple[str, int], Peer] = {}
+        self._sources: dict[str, tuple[RemoteSource, int]] = {}
+
+    @staticmethod
+    def handles(name: str) -> bool:
+        return name.startswith("peer://")
+
+    def _resolve(self, url: str) -> tuple[Peer, str]:
+        try:
+            host, port, name = parse_peer_url(url)
+        except AddressError as e:
+            raise SourceError(str(e)) from None
+        if self.ssl is None and not plaintext_allowed(self.cfg, host):
+            raise PeerUnavailable(
+                f"{url}: {host} is not a loopback address: configure [remote] tls_ca (and tls_cert, tls_key) "
+                "or set [remote] insecure = true"
+            )
+        peer = self.peers.get((host, port))
+        if peer is None:
+            peer = self.peers[(host, port)] = Peer(self, host, port)
+        return peer, name
+
+    def acquire(self, url: str) -> RemoteSource:
+        """The source for ``url``. The first use of an export asks the peer for
+        its size (a short blocking exchange, bounded by ``connect_timeout``);
+        :meth:`acquire_async` does the same without blocking the loop."""
+        held = self._hold(url)
+        if held is not None:
+            return held
+        peer, name = self._resolve(url)
+        if name not in peer.exports:
+            size, identity = probe(peer.host, peer.port, name, self.cfg, self.ssl)
+            peer.export(name, size, identity)
+        return self._make(url, peer, name)
+
+    async def acquire_async(self, url: str) -> RemoteSource:
+        held = self._hold(url)
+        if held is not None:
+            return held
+        peer, name = self._resolve(url)
+        if name not in peer.exports:
+            size, identity = await asyncio.to_thread(probe, peer.host, peer.port, name, self.cfg, self.ssl)
+            peer.export(name, size, identity)
+        held = self._hold(url)  # another acquire may have finished meanwhile
+        return held if held is not None else self._make(url, peer, name)
+
+    def _hold(self, url: str) -> RemoteSource | None:
+        if url in self._sources:
+            src, refs = self._sources[url]
+            self._sources[url] = (src, refs + 1)
+            return src
+        return None
+
+    def _make(self, url: str, peer: Peer, name: str) -> RemoteSource:
+        src = RemoteSource(peer, peer.exports[name], url)
+        self._sources[url] = (src, 1)
+        peer.refs += 1
+        with contextlib.suppress(RuntimeError):  # no running loop: connect on first read
+            asyncio.get_running_loop()
+            peer.urgent.warm()
+            peer.bulk.warm()
+        return src
+
+    def release(self, src: RemoteSource) -> bool:
+        """Drop one reference; False if ``src`` is not one of ours."""
+        entry = self._sources.get(src.name)
+        if entry is None or entry[0] is not src:
+            return False
+        refs = entry[1] - 1
+        if refs > 0:
+            self._sources[src.name] = (src, refs)
+            return True
+        del self._sources[src.name]
+        peer = src.peer
+        peer.refs -= 1
+        if peer.refs <= 0:
+            peer.close()
+            self.peers.pop((peer.host, peer.port), None)
+        return True
+
+    @property
+    def open_sources(self) -> list[RemoteSource]:
+        return [s for s, _ in self._sources.values()]
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+        self.peers.clear()
+        self._sources.clear()
+        self.buffers.clear()
+
+
+class RemoteSource(PageSource):
+    """An export of a peer, read over the peer's shared links."""
+
+    synchronous = False
+
+    def __init__(self, peer: Peer, export: _ExportInfo, url: str) -> None:
+        self.peer = peer
+        self.export = export
+        self.name = url
+        self.size = export.size
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        raise SourceError(f"{self.name}: a remote source can only be read asynchronously")
+
+    async def fetch(self, offset: int, length: int) -> list[Extent]:
+        return await self._get(self.peer.bulk, offset, length)
+
+    async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
+        return await self._get(self.peer.urgent, offset, length)
+
+    async def _get(self, link: _Link, offset: int, length: int) -> list[Extent]:
+        self.check_range(offset, length)
+        if length == 0:
+            return []
+        if length <= READ_PIECE:
+            return _extents(await link.read(self.export, offset, length))
+        parts = await asyncio.gather(
+            *(
+                link.read(self.export, o, min(READ_PIECE, offset + length - o))
+                for o in range(offset, offset + length, READ_PIECE)
+            )
+        )
+        out: list[Extent] = []
+        for done in parts:
+            out += _extents(done)
+        return out
+
+    def close(self) -> None:
+        """Closing is the pool's business (sources are shared); see PeerPool.release."""
+
+
+_PAGE = 4096
+
+
+def _extents(done: pp.ReadDone) -> list[Extent]:
+    """Extents over a completed read. Runs that do not start and end on page
+    boundaries cannot be installed as they are: then the zeros are written
+    into the buffer and the whole read becomes one data extent."""
+    runs = done.runs
+    if any(r.offset % _PAGE or r.length % _PAGE for r in runs) and any(r.zero for r in runs):
+        buf = done.buffer
+        if buf is None:
+            return [Extent(done.offset, done.length, 0)]
+        for r in runs:
+            if r.zero:
+                buf.view[r.offset : r.offset + r.length] = bytes(r.length)
+        return [Extent(done.offset, done.length, _address(buf), buf)]
+    out: list[Extent] = []
+    for r in runs:
+        if r.zero:
+            out.append(Extent(done.offset + r.offset, r.length, 0))
+        else:
+            assert done.buffer is not None
+            out.append(Extent(done.offset + r.offset, r.length, _address(done.buffer) + r.offset, done.buffer))
+    return out
+
+
+def _address(buf: object) -> int:
+    addr = getattr(buf, "address", None)
+    if not isinstance(addr, int):
+        raise SourceError("receive buffer without an address")
+    return addr
+
+
+# -- the blocking first contact ----------------------------------------------------------------
+
+
+def probe(host: str, port: int, name: str, cfg: RemoteConfig, ctx: ssl.SSLContext | None) -> tuple[int, bytes]:
+    """Ask the peer for export ``name``'s size and identity (blocking, bounded
+    by ``cfg.connect_timeout``). The same protocol core as the links, over a
+    plain blocking socket."""
+    label = f"peer://{host}:{port}/{name}"
+    timeout = cfg.connect_timeout
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise PeerUnavailable(f"{label}: cannot connect: {_describe(e)}") from None
+    sock: socket.socket = raw
+    try:
+        if ctx is not None:
+            try:
+                sock = ctx.wrap_socket(raw, server_hostname=cfg.server_name or host)
+            except ssl.SSLError as e:
+                raise PeerUnavailable(f"{label}: TLS handshake failed: {_describe(e)}") from None
+        sock.settimeout(timeout)
+        conn = pp.ClientConnection("bulk", encodings=())
+        try:
+            return _probe_exchange(sock, conn, name, label, tls=ctx is not None)
+        except ssl.SSLError as e:
+            raise PeerUnavailable(f"{label}: the peer refused the TLS session: {_describe(e)}") from None
+        except TimeoutError:
+            raise PeerUnavailable(f"{label}: no answer within {timeout} s") from None
+        except OSError as e:
+            raise PeerUnavailable(f"{label}: {_describe(e)}") from None
+        except pp.RemoteProtocolError as e:
+            raise PeerUnavailable(f"{label}: protocol error: {e}") from None
+    finally:
+        sock.close()
+        raw.close()
+
+
+def _probe_exchange(
+    sock: socket.socket, conn: pp.ClientConnection, name: str, label: str, *, tls: bool
+) -> tuple[int, bytes]:
+    for chunk in conn.data_to_send():
+        sock.sendall(chunk)
+    heard = False
+    while True:
+        ev = conn.next_event()
+        if ev is pp.NEED_DATA:
+            data = sock.recv(65536)
+            if not data and not heard:
+                why = (
+                    "the peer ended the TLS session before answering: it refused our client certificate? "
+                    "(compare [remote] tls_cert with the exporter's tls_ca)"
+                    if tls
+                    else "the peer closed the connection without answering"
+                )
+                raise PeerUnavailable(f"{label}: {why}")
+            heard = True
+            conn.receive_data(data)
+            continue
+        if ev is pp.CLOSED:
+            raise PeerUnavailable(f"{label}: the peer closed the connection during the handshake")
+        if isinstance(ev, pp.Welcome):
+            conn.open(1, name)
+        elif isinstance(ev, pp.PeerError):
+            raise PeerUnavailable(f"{label}: the peer refused: {ev.reason}: {ev.message}")
+        elif isinstance(ev, pp.OpenFailed):
+            raise SourceError(f"{label}: the peer refused the export: {ev.reason}: {ev.message}")
+        elif isinstance(ev, pp.Opened):
+            return ev.size, ev.identity
+        for chunk in conn.data_to_send():
+            sock.sendall(chunk)
+
+
+__all__ = ["PeerPool", "PeerUnavailable", "RemoteSource", "probe"]
