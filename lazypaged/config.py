@@ -28,6 +28,11 @@ class SessionConfig:
     fill: bool = True
     #: Bytes per background UFFDIO_COPY; faults are served between chunks.
     fill_chunk: int = 2 << 20
+    #: When a source cannot deliver pages (file gone, checksum failure, peer
+    #: past its deadline): "wait" keeps them missing and retries, "sigbus"
+    #: poisons them (touching raises SIGBUS), "kill" SIGKILLs the target.
+    #: Never zeros.
+    failure_policy: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -205,67 +210,6 @@ class RemoteConfig:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
-    """[export]: serve snapshots read-only to other lazypaged daemons (docs/peer-protocol.md)."""
-
-    #: TCP address to listen on, "HOST:PORT" ("[::1]:7070" for IPv6); empty: no export.
-    listen: str = ""
-    #: Snapshot names (inside snapshot_dirs) that peers may read; nothing else is served.
-    snapshots: tuple[Path, ...] = ()
-    #: PEM files for TLS with mutual verification: this daemon's certificate and
-    #: key, and the CA that client certificates must chain to.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    #: Allow plaintext on a non-loopback address (no authentication at all).
-    insecure: bool = False
-    #: zstd level for raw data on the wire (0: send it as it is). Compressed
-    #: snapshot chunks always travel as they are when the client accepts zstd.
-    compress_level: int = 0
-    #: Reads one connection may have in flight.
-    max_inflight: int = 256
-    #: Connections served at once.
-    max_connections: int = 64
-
-    def check(self) -> None:
-        from .peer_tls import check_export
-
-        check_export(self)
-
-
-@dataclass(frozen=True)
-class RemoteConfig:
-    """[remote]: reading pages from peers, named ``peer://HOST:PORT/NAME``."""
-
-    #: PEM files: this daemon's client certificate and key, and the CA the
-    #: peers' certificates must chain to. Empty tls_ca: plaintext.
-    tls_cert: str = ""
-    tls_key: str = ""
-    tls_ca: str = ""
-    #: Name checked in the peer's certificate instead of the HOST of the URL.
-    server_name: str = ""
-    #: Allow plaintext to a non-loopback peer.
-    insecure: bool = False
-    #: Offer zstd on the wire (the peer decides whether to use it).
-    compression: bool = True
-    #: Seconds for one connection attempt, TLS handshake included.
-    connect_timeout: float = 5.0
-    #: Reads outstanding and nothing received for this long: the link is
-    #: taken for dead, dropped and re-established.
-    stall_timeout: float = 5.0
-    #: Longest wait for a lost peer to come back before the reads waiting on
-    #: it fail (their sessions fail; targets stay blocked, never get zeros).
-    reconnect_deadline: float = 60.0
-    #: Reconnect backoff doubles from 50 ms up to this many seconds.
-    backoff_max: float = 1.0
-
-    def check(self) -> None:
-        from .peer_tls import check_remote
-
-        check_remote(self)
-
-
-@dataclass(frozen=True)
 class Config:
     handoff_socket: Path = Path("/run/lazypaged/handoff.sock")
     #: Permissions of the handoff socket (octal in TOML as a string, e.g. "0660").
@@ -289,8 +233,6 @@ class Config:
     working_set: WorkingSetConfig = field(default_factory=WorkingSetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def validate(self) -> Config:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -299,6 +241,8 @@ class Config:
             v = getattr(s, name)
             if v < page or v % page:
                 raise ConfigError(f"session.{name} = {v} must be a positive multiple of {page}")
+        if s.failure_policy not in ("wait", "sigbus", "kill"):
+            raise ConfigError(f"session.failure_policy must be wait, sigbus or kill, not {s.failure_policy!r}")
         if s.fault_around_min > s.fault_around_max:
             raise ConfigError("session.fault_around_min must not exceed fault_around_max")
         if self.log_format not in ("auto", "json", "console"):
@@ -308,8 +252,6 @@ class Config:
         self.criu.check()
         self.metrics.check()
         self.timeline.check()
-        self.export.check()
-        self.remote.check()
         self.export.check()
         self.remote.check()
         if not self.snapshot_dirs:

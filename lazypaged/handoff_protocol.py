@@ -40,6 +40,7 @@ MAX_FRAME: Final = 1 << 20
 #: Enough for a CRIU-sized process (thousands of VMAs) without letting one
 #: request make the daemon track millions of regions.
 MAX_RANGES: Final = 4096
+FAILURE_POLICIES: Final = ("wait", "sigbus", "kill")
 #: Range page sizes accepted: base pages up to 1 GiB huge pages.
 MIN_PAGE_SIZE: Final = 4096
 MAX_PAGE_SIZE: Final = 1 << 30
@@ -155,12 +156,16 @@ class SessionOptions:
     fill: bool | None = None
     #: Replay the image's recorded working set first, or record one.
     working_set: bool | None = None
+    #: What to do when the source fails: "wait", "sigbus" or "kill".
+    failure_policy: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("fault_around", "fill", "working_set"):
             v = getattr(self, name)
             if v is not None:
                 _check_bool(f"option {name}", v)
+        if self.failure_policy is not None and self.failure_policy not in FAILURE_POLICIES:
+            raise LocalProtocolError(f"option failure_policy must be one of {', '.join(FAILURE_POLICIES)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +260,12 @@ def _range_map(r: RangeSpec) -> dict[str, Any]:
 def _to_map(msg: Message) -> dict[str, Any]:
     if isinstance(msg, RestoreRequest):
         o = msg.options
-        pairs = (("fault_around", o.fault_around), ("fill", o.fill), ("working_set", o.working_set))
+        pairs = (
+            ("fault_around", o.fault_around),
+            ("fill", o.fill),
+            ("working_set", o.working_set),
+            ("failure_policy", o.failure_policy),
+        )
         opts = {k: v for k, v in pairs if v is not None}
         body: dict[str, Any] = {
             "type": "restore",
@@ -347,6 +357,7 @@ def _from_map(m: dict[str, Any]) -> Message:
                     fault_around=_get(raw_opts, "fault_around", bool, default=None),
                     fill=_get(raw_opts, "fill", bool, default=None),
                     working_set=_get(raw_opts, "working_set", bool, default=None),
+                    failure_policy=_get(raw_opts, "failure_policy", str, default=None),
                 ),
             )
         if kind == "accepted":

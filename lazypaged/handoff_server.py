@@ -295,6 +295,7 @@ class HandoffServer:
                 fault_around=req.options.fault_around,
                 fill=req.options.fill,
                 working_set=None if req.options.working_set is False else self.cfg.working_set,
+                failure_policy=req.options.failure_policy,
                 log=structlog.get_logger().bind(session=sid, kind="native", pid=pid),
                 host=self.sessions,
             )

@@ -44,8 +44,10 @@ import asyncio
 import bisect
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +74,10 @@ _INFLIGHT_TO_MISSING = bytes.maketrans(b"\x02", b"\x00")
 FILL_INFLIGHT = 4
 #: Bytes of working set installed without waking, then one UFFDIO_WAKE.
 REPLAY_BATCH = 4 << 20
+#: ``_put`` source address meaning "poison these pages" (failure policy sigbus).
+POISON = -1
+#: Retry delays while a source fails under the ``wait`` policy.
+RETRY_FIRST, RETRY_MAX = 0.05, 5.0
 
 
 class Region:
@@ -123,6 +129,8 @@ class SessionStats:
     bytes_zero: int = 0
     bytes_fault: int = 0
     bytes_fill: int = 0
+    bytes_poisoned: int = 0
+    source_errors: int = 0
     fault_ns: int = 0
     #: Fault service time histogram: bucket k counts faults of < 2**k µs.
     latency_us_log2: list[int] = field(default_factory=lambda: [0] * 32)
@@ -186,6 +194,7 @@ class RestoreSession:
         host: SessionHost | None = None,
         fill_paused: bool = False,
         working_set: WorkingSetConfig | None = None,
+        failure_policy: str | None = None,
     ) -> None:
         self.id = sid
         self.kind = kind
@@ -216,6 +225,11 @@ class RestoreSession:
         self._fill_paused = fill_paused
         self._fill_started = False
         self._ws_cfg = working_set
+        self.failure_policy = cfg.failure_policy if failure_policy is None else failure_policy
+        self._source_ok = asyncio.Event()
+        self._source_ok.set()
+        self._retry: list[tuple[Region, int, int]] = []
+        self._retry_delay = RETRY_FIRST
         self._recorders: dict[int, workingset.Recorder] = {}
         self._record_until = 0.0
         self._replay_sets: list[workingset.WorkingSet] = []
@@ -516,7 +530,83 @@ class RestoreSession:
     def _install(self, r: Region, i: int, j: int) -> None:
         """Install pages [i, j) of ``r`` from its (synchronous) source."""
         src_off = r.offset + (i << r.shift)
-        self._install_extents(r, r.source.extents(src_off, (j - i) << r.shift), MISSING)
+        try:
+            self._install_extents(r, r.source.extents(src_off, (j - i) << r.shift), MISSING)
+        except SourceError as e:
+            self._source_failed(r, i, j, e, MISSING)
+
+    # -- failure policy ------------------------------------------------------------
+    def _source_failed(self, r: Region, i: int, j: int, exc: SourceError, state: int) -> None:
+        """The source cannot give pages [i, j) of ``r`` (now in ``state``).
+
+        Never zeros: ``wait`` keeps the pages missing (their threads blocked)
+        and retries with backoff; ``sigbus`` poisons them so a touch raises
+        SIGBUS and the rest of the image is still served; ``kill`` ends the
+        target with SIGKILL.
+        """
+        st = self.stats
+        st.source_errors += 1
+        policy = self.failure_policy
+        self.log.error(
+            "source_failed",
+            source=r.source.name,
+            region=r.name,
+            offset=hex(r.offset + (i << r.shift)),
+            length=(j - i) << r.shift,
+            policy=policy,
+            error=str(exc),
+        )
+        if policy == "sigbus":
+            try:
+                self._put(r, i, j, POISON, state)
+                return
+            except _uffd.UffdError as e:
+                self.log.error("poison_failed", error=str(e), fallback="kill")
+                policy = "kill"
+        if policy == "kill":
+            self._kill_target(f"source failed: {exc}")
+            return
+        if state == INFLIGHT:
+            r.bitmap[i:j] = r.bitmap[i:j].translate(_INFLIGHT_TO_MISSING)
+        self._retry.append((r, i, j))
+        if self._source_ok.is_set():
+            self._source_ok.clear()
+            self._spawn(self._retry_source())
+
+    async def _retry_source(self) -> None:
+        """``wait`` policy: retry the failed ranges until the source answers."""
+        while self._retry and self.outcome is None:
+            await asyncio.sleep(self._retry_delay)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            pending, self._retry = self._retry, []
+            for r, i, j in pending:
+                for a, b in _runs_of(r.bitmap, MISSING, i, j):
+                    if r.source.synchronous:
+                        self._install(r, a, b)
+                    else:
+                        r.bitmap[a:b] = b"\x02" * (b - a)
+                        await self._fetch_install(r, a, b, fault=True)
+        if self.outcome is None:
+            self._retry_delay = RETRY_FIRST
+            self.log.info("source_recovered")
+            self._source_ok.set()
+            self._check_complete()
+
+    def _kill_target(self, why: str) -> None:
+        pid = self.pid
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            elif pid:
+                os.kill(pid, signal.SIGKILL)
+            else:
+                raise ProcessLookupError("no pid known for this target")
+        except OSError as e:
+            self.log.error("kill_failed", error=str(e))
+            self._fail("source_error", f"{why}; the target could not be killed ({e}), it stays blocked")
+            return
+        self.log.error("target_killed", reason=why)
+        self._finish(Outcome("failed", "target_killed", f"{why}; the target was killed (failure policy kill)"))
 
     @staticmethod
     def _whole_pages(r: Region, extents: list[Extent]) -> list[Extent]:
@@ -555,12 +645,20 @@ class RestoreSession:
 
     async def _fetch_install(self, r: Region, i: int, j: int, *, fault: bool) -> None:
         fetch = r.source.fetch_urgent if fault else r.source.fetch
-        extents = await fetch(r.offset + (i << r.shift), (j - i) << r.shift)
+        try:
+            extents = await fetch(r.offset + (i << r.shift), (j - i) << r.shift)
+        except SourceError as e:
+            if self.outcome is None:
+                self._source_failed(r, i, j, e, INFLIGHT)
+            return
         if self.outcome is not None:
             return
         st = self.stats
         before = st.bytes_copied + st.bytes_zero
-        self._install_extents(r, extents, INFLIGHT)
+        try:
+            self._install_extents(r, extents, INFLIGHT)
+        except SourceError as e:
+            self._source_failed(r, i, j, e, INFLIGHT)
         done = st.bytes_copied + st.bytes_zero - before
         if fault:
             st.bytes_fault += done
@@ -605,7 +703,10 @@ class RestoreSession:
             dst = m.start + ((pos - m.first) << shift)
             n = (end - pos) << shift
             try:
-                if src:
+                if src == POISON:
+                    done = uffd.poison(dst, n, wake=wake)
+                    st.bytes_poisoned += done
+                elif src:
                     done = uffd.copy(dst, src + ((pos - a) << shift), n, wake=wake)
                     st.bytes_copied += done
                 elif r.zeropage:
@@ -623,6 +724,12 @@ class RestoreSession:
                 continue
             except _uffd.RangeGone:
                 done = n  # the mapping went away under us
+            except _uffd.UffdError as e:
+                if e.errno == errno.EFAULT and src > 0:
+                    # Our side of the copy is unreadable: the source's memory
+                    # went away (a mapped file truncated under us).
+                    raise SourceError(f"{r.source.name}: source bytes unreadable at {dst:#x}: {e}") from None
+                raise
             cnt = done >> shift
             if not 0 < cnt <= end - pos:
                 raise SessionFailed(
@@ -891,6 +998,9 @@ class RestoreSession:
         st = self.stats
         inflight: set[asyncio.Task[None]] = set()
         while self.outcome is None:
+            if not self._source_ok.is_set():
+                await self._source_ok.wait()  # wait policy: the retry task leads
+                continue
             self._on_readable()  # faults first
             if self.outcome is not None:
                 return
@@ -941,6 +1051,19 @@ class RestoreSession:
             "fault_p99_us": st.percentile_us(0.99),
             "seconds": round(st.seconds, 6),
         }
+
+
+def _runs_of(bm: bytearray, state: int, i: int, j: int) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) within [i, j) whose pages are all in ``state``."""
+    out = []
+    a = bm.find(state, i, j)
+    while a != -1:
+        b = a + 1
+        while b < j and bm[b] == state:
+            b += 1
+        out.append((a, b))
+        a = bm.find(state, b, j)
+    return out
 
 
 def _subtract(runs: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:

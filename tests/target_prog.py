@@ -32,12 +32,12 @@ def main() -> int:
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--offset", type=int, default=0)
     ap.add_argument("--split", type=int, default=1, help="hand over as N ranges backed in reverse order")
-    ap.add_argument(
-        "--touch", default="seq", choices=["seq", "random", "threads", "write", "syscall", "hold", "none", "subset"]
-    )
+    touches = ["seq", "random", "threads", "write", "syscall", "hold", "none", "subset", "halves"]
+    ap.add_argument("--touch", default="seq", choices=touches)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--no-fill", action="store_true")
     ap.add_argument("--no-working-set", action="store_true")
+    ap.add_argument("--policy", choices=["wait", "sigbus", "kill"], help="failure_policy option")
     ap.add_argument("--no-fault-around", action="store_true")
     ap.add_argument("--wait", action="store_true", help="wait for the completion message")
     ap.add_argument("--memory", default="anon", choices=["anon", "shmem", "hugetlb"])
@@ -67,6 +67,7 @@ def main() -> int:
         fill=False if args.no_fill else None,
         fault_around=False if args.no_fault_around else None,
         working_set=False if args.no_working_set else None,
+        failure_policy=args.policy,
     )
     try:
         h = restore(args.socket, ranges, options=opts)
@@ -89,6 +90,15 @@ def main() -> int:
         time.sleep(3600)
     elif args.touch == "seq":
         for p in range(npages):
+            _ = mem[p * PAGE]
+    elif args.touch == "halves":
+        # The first half, then wait for a line on stdin, then the rest.
+        half = npages // 2
+        for p in range(half):
+            _ = mem[p * PAGE]
+        print(json.dumps({"half": True}), flush=True)
+        sys.stdin.readline()
+        for p in range(half, npages):
             _ = mem[p * PAGE]
     elif args.touch == "subset":
         # A fixed, scattered tenth of the pages in a repeatable order, then

@@ -92,7 +92,8 @@ class RawImageSource(PageSource):
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = os.fspath(path)
         self.name = name or self.path
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # The fd stays open: each read checks the file still has its size.
+        self._fd = fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             self.size = st.st_size
@@ -101,8 +102,9 @@ class RawImageSource(PageSource):
             self._ino = (st.st_dev, st.st_ino)
             holes = find_holes(fd, self.size)
             self._base = _map(fd, self.size, mmap.PROT_READ, mmap.MAP_SHARED) if self.size else 0
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self._hole_starts = [h[0] for h in holes]
         self._hole_ends = [h[1] for h in holes]
 
@@ -114,6 +116,11 @@ class RawImageSource(PageSource):
         self.check_range(offset, length)
         if self._base == 0:
             raise SourceError(f"{self.name}: source is closed")
+        # Reading a mapped file past its end raises SIGBUS in the daemon:
+        # check that the file still holds these bytes before looking at them.
+        size = os.fstat(self._fd).st_size
+        if offset + length > size:
+            raise SourceError(f"{self.name}: file shrank to {size} bytes under the daemon (needed {offset + length})")
         out: list[Extent] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -145,3 +152,6 @@ class RawImageSource(PageSource):
         base, self._base = self._base, 0
         if base:
             _munmap(base, self.size)
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
