@@ -30,7 +30,7 @@ import ssl
 import struct
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import zstandard
@@ -253,9 +253,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self.server._conns.add(self)
         cert = transport.get_extra_info("peercert")
         if cert:
