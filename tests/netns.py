@@ -80,9 +80,7 @@ class Hosts:
         return p
 
     def run(self, side: str, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.prefix(side), *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
+        return subprocess.run([*self.prefix(side), *args], capture_output=True, text=True, timeout=timeout, check=False)
 
     def link(self, up: bool) -> None:
         """Take B's end of the link down or up (A sees carrier loss too)."""
@@ -202,4 +200,3 @@ def daemon_config(
         f"[session]\n{session}\n{extra}\n"
     )
     return cfg, sock, work / f"{name}.log"
-

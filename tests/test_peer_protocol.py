@@ -172,7 +172,7 @@ def test_out_of_bounds_read_is_refused_and_the_connection_goes_on(offset: int, l
 def test_unknown_export_and_unopened_handle() -> None:
     s, c = _pair()
     c.open(3, "nope")
-    (ev,) = _to_server(c, s)
+    assert _to_server(c, s) == [pp.Open(3, "nope")]
     s.refuse_open(3, pp.ErrorCode.UNKNOWN_EXPORT, "no export named 'nope'")
     (failed,) = _to_client(s, c)
     assert failed == pp.OpenFailed(3, pp.ErrorCode.UNKNOWN_EXPORT, "no export named 'nope'")
@@ -223,7 +223,7 @@ def test_ping_is_answered_by_the_core() -> None:
 
 
 def test_clean_close_and_close_mid_frame() -> None:
-    s, c = _pair()
+    s, _ = _pair()
     s.receive_data(b"")
     assert s.next_event() is pp.CLOSED
     s2 = pp.ServerConnection()

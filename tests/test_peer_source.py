@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import os
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
