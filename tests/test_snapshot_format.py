@@ -321,3 +321,15 @@ def test_not_a_snapshot_at_all(tmp_path: Path) -> None:
     p = tmp_path / "plain"
     p.write_bytes(bytes(8192))
     _open_fails(p, "magic")
+
+
+def test_seek_table_disagreeing_with_the_index(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    out = _snap(tmp_path, image, "zstd")
+    with SnapshotReader(out) as rd:
+        chunks = rd.header.chunk_count
+    blob = bytearray(out.read_bytes())
+    first_entry = len(blob) - zf.seek_table_size(chunks)
+    at = first_entry + zf.SKIPPABLE_HEADER + 2 * zf.SEEK_ENTRY_SIZE  # entry 2's compressed size
+    blob[at] ^= 1
+    out.write_bytes(bytes(blob))
+    _open_fails(out, "seek table entry 2 disagrees")

@@ -111,7 +111,5 @@ def parse_seek_table(frame: bytes, frames: int) -> list[tuple[int, int]]:
         raise ValueError("seek table frame header does not match its footer")
     if frame[-SEEK_FOOTER_SIZE + 4] & 0x80:
         raise ValueError("seek table with per-frame checksums is not what lazypaged writes")
-    return [
-        (int(c), int(d))
-        for c, d in struct.iter_unpack("<II", frame[SKIPPABLE_HEADER : SKIPPABLE_HEADER + frames * SEEK_ENTRY_SIZE])
-    ]
+    table = frame[SKIPPABLE_HEADER : SKIPPABLE_HEADER + frames * SEEK_ENTRY_SIZE]
+    return list(struct.iter_unpack("<II", table))
