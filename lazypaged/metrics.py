@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 
 import h11
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector, generate_latest
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from . import __version__
@@ -295,7 +296,10 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             await self._send(conn, writer, 405, b"only GET and HEAD\n", "text/plain", head, [(b"allow", b"GET, HEAD")])
         elif path == "/metrics":
-            await self._send(conn, writer, 200, generate_latest(self.registry), CONTENT_TYPE_LATEST, head)
+            # The scraper's Accept header picks the format (Prometheus text or OpenMetrics).
+            accept = b",".join(v for k, v in req.headers if k == b"accept").decode("latin-1")
+            encoder, ctype = choose_encoder(accept)
+            await self._send(conn, writer, 200, encoder(self.registry), ctype, head)
         elif path == "/":
             await self._send(conn, writer, 200, b"lazypaged: metrics are at /metrics\n", "text/plain", head)
         else:

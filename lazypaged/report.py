@@ -66,8 +66,9 @@ def draw(doc: dict[str, Any], out: Path, *, dpi: int = 120) -> None:
     fill = [b / MiB for b in s["bytes_fill"]]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 6.5), height_ratios=(3, 2))
     try:
+        # Running totals, sampled: a straight line between two samples.
         top.stackplot(t, fault, fill, labels=("fault-driven", "background fill"), colors=("#d9534f", "#5b8ff9"),
-                      alpha=0.85, step="post")
+                      alpha=0.85)
         total = doc.get("bytes_total")
         if total:
             top.axhline(total / MiB, color="black", linewidth=0.8, linestyle="--", label="image size")
@@ -79,8 +80,9 @@ def draw(doc: dict[str, Any], out: Path, *, dpi: int = 120) -> None:
         p50 = [(x, y) for x, y in zip(t, s["fault_p50_us"], strict=True) if y is not None]
         p99 = [(x, y) for x, y in zip(t, s["fault_p99_us"], strict=True) if y is not None]
         if p50:
-            bottom.step([x for x, _ in p50], [y for _, y in p50], where="post", label="p50", color="#2ca02c")
-            bottom.step([x for x, _ in p99], [y for _, y in p99], where="post", label="p99", color="#ff7f0e")
+            # A sample's percentiles describe the faults since the previous sample.
+            bottom.step([x for x, _ in p50], [y for _, y in p50], where="pre", label="p50", color="#2ca02c")
+            bottom.step([x for x, _ in p99], [y for _, y in p99], where="pre", label="p99", color="#ff7f0e")
             bottom.set_yscale("log", base=2)
             bottom.legend(loc="upper right")
         else:
