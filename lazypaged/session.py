@@ -45,12 +45,10 @@ import bisect
 import contextlib
 import ctypes
 import errno
-import mmap
 import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -58,18 +56,19 @@ import structlog
 from . import uffd as _uffd
 from . import workingset
 from .config import SessionConfig, WorkingSetConfig
-from .sources import Extent, PageSource, SourceError
+from .memory_map import INFLIGHT, INFLIGHT_TO_MISSING, MISSING, PAGE, SETTLED, Mapping, Region, runs_of, subtract
+from .session_stats import Outcome, SessionStats
+from .sources import Extent, SourceError
 from .sources.raw import ZERO_CHECK_MAX, zeros_address
 from .uffd import abi
 
-PAGE = mmap.PAGESIZE
-MISSING, SETTLED, INFLIGHT = 0, 1, 2
+__all__ = ["PAGE", "Mapping", "Outcome", "Region", "RestoreSession", "SessionFailed", "SessionHost", "SessionStats"]
+
 _MSG = abi.UFFD_MSG_STRUCT
 _MSG_SIZE = abi.UFFD_MSG_SIZE
 _FAULT = abi.UFFD_EVENT_PAGEFAULT
 _READ_BYTES = 64 * _MSG_SIZE
 _ONES = b"\x01" * (64 << 20 >> 12)  # marks up to 64 MiB of 4 KiB pages in one slice
-_INFLIGHT_TO_MISSING = bytes.maketrans(b"\x02", b"\x00")
 #: Asynchronous fetches the fill keeps in flight per session.
 FILL_INFLIGHT = 4
 #: Bytes of working set installed without waking, then one UFFDIO_WAKE.
@@ -78,90 +77,6 @@ REPLAY_BATCH = 4 << 20
 POISON = -1
 #: Retry delays while a source fails under the ``wait`` policy.
 RETRY_FIRST, RETRY_MAX = 0.05, 5.0
-
-
-class Region:
-    """A stretch of the image: ``npages`` pages of ``source`` from ``offset``."""
-
-    __slots__ = ("bitmap", "name", "npages", "offset", "page", "removed", "shift", "source", "zeropage")
-
-    def __init__(self, source: PageSource, offset: int, npages: int, page: int = PAGE, name: str = "") -> None:
-        self.source = source
-        self.offset = offset
-        self.page = page
-        self.shift = page.bit_length() - 1
-        self.npages = npages
-        self.bitmap = bytearray(npages)
-        self.name = name or source.name
-        #: UFFDIO_ZEROPAGE works here (not on hugetlb: zeros are copied there).
-        self.zeropage = page == PAGE
-        #: Page-index runs [a, b) the target dropped and must read as zeros.
-        self.removed: list[tuple[int, int]] = []
-
-    def clone_for_fork(self) -> Region:
-        r = Region(self.source, self.offset, self.npages, self.page, self.name)
-        r.zeropage = self.zeropage
-        r.bitmap = bytearray(self.bitmap.translate(_INFLIGHT_TO_MISSING))
-        r.removed = list(self.removed)
-        return r
-
-
-class Mapping:
-    """Pages [first, first + (end-start)/page) of ``region`` at [start, end)."""
-
-    __slots__ = ("end", "first", "region", "start")
-
-    def __init__(self, start: int, end: int, region: Region, first: int) -> None:
-        self.start, self.end, self.region, self.first = start, end, region, first
-
-    @property
-    def last(self) -> int:
-        """One past the last page index of the region this mapping shows."""
-        return self.first + ((self.end - self.start) >> self.region.shift)
-
-
-@dataclass
-class SessionStats:
-    faults: int = 0
-    pages_total: int = 0
-    pages_missing: int = 0
-    bytes_copied: int = 0
-    bytes_zero: int = 0
-    bytes_fault: int = 0
-    bytes_fill: int = 0
-    bytes_poisoned: int = 0
-    source_errors: int = 0
-    fault_ns: int = 0
-    #: Fault service time histogram: bucket k counts faults of < 2**k µs.
-    latency_us_log2: list[int] = field(default_factory=lambda: [0] * 32)
-    started: float = field(default_factory=time.monotonic)
-    first_fault_at: float | None = None
-    ended: float | None = None
-
-    def percentile_us(self, q: float) -> float | None:
-        """Upper bound of the bucket holding the q-quantile fault latency."""
-        total = sum(self.latency_us_log2)
-        if not total:
-            return None
-        want, seen = q * total, 0
-        for k, n in enumerate(self.latency_us_log2):
-            seen += n
-            if seen >= want:
-                return float(1 << k)
-        return float(1 << 31)
-
-    @property
-    def seconds(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a session ended: ``complete``, ``target_exited`` or ``failed``."""
-
-    state: str
-    code: str = ""
-    message: str = ""
 
 
 class SessionFailed(Exception):
@@ -251,15 +166,6 @@ class RestoreSession:
         #: The restorer keeps its own copy of the uffd, so closing ours cannot
         #: make the kernel zero-fill the target (see uffd/fd.py).
         self.keeps_uffd = False
-
-    @classmethod
-    def simple(
-        cls, sid: str, uffd: _uffd.Userfaultfd, cfg: SessionConfig, ranges: list[tuple[int, int, PageSource, int]],
-        **kw: Any,
-    ) -> RestoreSession:
-        """A session over (address, length, source, offset) ranges of base pages."""
-        maps = [Mapping(a, a + n, Region(src, off, n // PAGE), 0) for a, n, src, off in ranges]
-        return cls(sid, uffd, maps, cfg, **kw)
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -567,7 +473,7 @@ class RestoreSession:
             self._kill_target(f"source failed: {exc}")
             return
         if state == INFLIGHT:
-            r.bitmap[i:j] = r.bitmap[i:j].translate(_INFLIGHT_TO_MISSING)
+            r.bitmap[i:j] = r.bitmap[i:j].translate(INFLIGHT_TO_MISSING)
         self._retry.append((r, i, j))
         if self._source_ok.is_set():
             self._source_ok.clear()
@@ -580,7 +486,7 @@ class RestoreSession:
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             pending, self._retry = self._retry, []
             for r, i, j in pending:
-                for a, b in _runs_of(r.bitmap, MISSING, i, j):
+                for a, b in runs_of(r.bitmap, MISSING, i, j):
                     if r.source.synchronous:
                         self._install(r, a, b)
                     else:
@@ -793,7 +699,7 @@ class RestoreSession:
             b = m.first + ((hi - m.start + r.page - 1) >> r.shift)
             self.stats.pages_missing -= r.bitmap.count(MISSING, a, b) + r.bitmap.count(INFLIGHT, a, b)
             r.bitmap[a:b] = b"\x01" * (b - a)
-            r.removed = _subtract(r.removed, a, b)
+            r.removed = subtract(r.removed, a, b)
             if removed:
                 r.removed.append((a, b))
         self.log.debug("range_settled", start=hex(start), end=hex(end), removed=removed)
@@ -1051,29 +957,3 @@ class RestoreSession:
             "fault_p99_us": st.percentile_us(0.99),
             "seconds": round(st.seconds, 6),
         }
-
-
-def _runs_of(bm: bytearray, state: int, i: int, j: int) -> list[tuple[int, int]]:
-    """Maximal runs [a, b) within [i, j) whose pages are all in ``state``."""
-    out = []
-    a = bm.find(state, i, j)
-    while a != -1:
-        b = a + 1
-        while b < j and bm[b] == state:
-            b += 1
-        out.append((a, b))
-        a = bm.find(state, b, j)
-    return out
-
-
-def _subtract(runs: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
-    out = []
-    for x, y in runs:
-        if y <= a or x >= b:
-            out.append((x, y))
-            continue
-        if x < a:
-            out.append((x, a))
-        if y > b:
-            out.append((b, y))
-    return out
