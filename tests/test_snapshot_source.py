@@ -223,9 +223,9 @@ def test_decompression_does_not_block_the_loop(
     path = _make(tmp_path, image, "zstd")
     orig = SnapshotReader.chunk_into
 
-    def slow_chunk(self: SnapshotReader, i: int, out: bytearray | memoryview) -> None:
+    def slow_chunk(self: SnapshotReader, i: int, out: bytearray | memoryview, frame: memoryview | None = None) -> None:
         time.sleep(0.2)
-        orig(self, i, out)
+        orig(self, i, out, frame)
 
     monkeypatch.setattr(SnapshotReader, "chunk_into", slow_chunk)
 

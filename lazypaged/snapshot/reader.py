@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import zstandard
@@ -20,6 +20,10 @@ import zstandard
 from . import format as fmt
 from . import zstdframes as zf
 from .format import Chunk, ChunkError, ChunkKind, FormatError, Header, Index, Region
+
+#: Largest run of neighbouring frames read at once (32 compressed 64 KiB chunks
+#: fit; a run of incompressible ones is slightly larger than its data).
+_MAX_SPAN = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,11 +108,47 @@ class SnapshotReader:
         self.chunk_into(i, buf)
         return bytes(buf)
 
-    def chunk_into(self, i: int, out: bytearray | memoryview) -> None:
+    def chunks_into(self, items: Sequence[tuple[int, memoryview]]) -> list[ChunkError | None]:
+        """Decode several chunks, each into its buffer; per chunk, None or its error.
+
+        The frames of the chunks lie next to each other in the file, so they
+        are read with one ``preadv`` (one syscall instead of one per chunk)."""
+        chunks = self.index.chunks
+        lo = min(chunks[i].frame_offset for i, _ in items)
+        hi = max(chunks[i].frame_offset + chunks[i].frame_size for i, _ in items)
+        span = self._read(lo, hi - lo, "span") if hi - lo <= _MAX_SPAN else None
+        out: list[ChunkError | None] = []
+        for i, buf in items:
+            c = chunks[i]
+            try:
+                frame = span[c.frame_offset - lo : c.frame_offset - lo + c.frame_size] if span is not None else None
+                self.chunk_into(i, buf, frame)
+                out.append(None)
+            except ChunkError as e:
+                out.append(e)
+        return out
+
+    def _read(self, offset: int, n: int, slot: str) -> memoryview | None:
+        """``n`` bytes at ``offset`` into this thread's buffer ``slot``; None if that fails
+        (callers then read frame by frame, which names the chunk that cannot be read)."""
+        if self._fd < 0:
+            return None
+        buf: bytearray | None = getattr(self._local, slot, None)
+        if buf is None or len(buf) < n:
+            buf = bytearray(n)
+            setattr(self._local, slot, buf)
+        view = memoryview(buf)[:n]
+        try:
+            return view if os.preadv(self._fd, [view], offset) == n else None
+        except OSError:
+            return None
+
+    def chunk_into(self, i: int, out: bytearray | memoryview, frame: memoryview | None = None) -> None:
         """Decode chunk ``i`` into the start of ``out`` and verify it; ChunkError otherwise.
 
         Decoding into a caller's buffer lets sources recycle buffers: a fresh
-        allocation per chunk costs more (page faults) than zstd itself."""
+        allocation per chunk costs more (page faults) than zstd itself.
+        ``frame``, if given, is the chunk's frame already read from the file."""
         c = self.index.chunks[i]
         dst = memoryview(out)[: c.length]
         if len(dst) != c.length:
@@ -116,7 +156,8 @@ class SnapshotReader:
         if c.kind == ChunkKind.ZERO:
             dst[:] = bytes(c.length)
             return
-        frame = self._read_frame(i, c)
+        if frame is None:
+            frame = self._read_frame(i, c)
         if c.kind == ChunkKind.RAW:
             if frame[: c.data_offset] != zf.raw_frame_prefix(c.length):
                 raise self.error(i, "raw frame header damaged")

@@ -286,14 +286,9 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
     def _decode_into(self, slab: _Slab, items: list[tuple[int, int]]) -> dict[int, SourceError | None]:
         """Decode chunks into their slots (runs in a worker thread); per-chunk errors."""
         view = memoryview(slab.data)
-        out: dict[int, SourceError | None] = {}
-        for i, off in items:
-            try:
-                self.reader.chunk_into(i, view[off : off + self._chunk_size])
-                out[i] = None
-            except SourceError as e:  # ChunkError, or the file closed under us
-                out[i] = e
-        return out
+        size = self._chunk_size
+        errors = self.reader.chunks_into([(i, view[off : off + size]) for i, off in items])
+        return {i: err for (i, _), err in zip(items, errors, strict=True)}
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         pieces = self._pieces(offset, length)
