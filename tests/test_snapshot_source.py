@@ -323,3 +323,27 @@ def test_any_page_pattern_is_served_exactly(
                         assert image[e.offset : e.offset + e.length] == bytes(e.length)
         finally:
             src.close()
+
+
+def test_bad_chunk_in_a_batch_spoils_only_itself(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "zstd")
+    with SnapshotReader(path) as rd:
+        data = [i for i, c in enumerate(rd.index.chunks) if c.kind != 0]
+        bad = data[5]
+        c = rd.index.chunks[bad]
+    flip_bit(path, c.frame_offset + c.frame_size // 2)
+
+    async def main() -> None:
+        src = CompressedSnapshotSource(SnapshotReader(path), workers=2)
+        try:
+            with pytest.raises(ChunkError, match=f"chunk {bad} "):
+                await src.fetch(0, 16 * CHUNK)
+            decoded = src.chunks_decoded
+            assert decoded >= 14  # the batch's good chunks were decoded and cached
+            ok = src.reader.index.chunks[bad].offset
+            assert gather(await src.fetch(0, ok)) == image[1][:ok]
+            assert src.chunks_decoded == decoded  # all from the cache
+        finally:
+            src.close()
+
+    asyncio.run(main())
