@@ -71,3 +71,15 @@ def test_corrupt_chunk_fails_the_session_not_the_daemon(daemon: DaemonHandle) ->
         kill(t)
     assert daemon.alive()
     flip_bit(snap, c.frame_offset + c.frame_size // 2)  # repaired: later restores work
+
+
+def test_damaged_snapshot_is_refused_and_daemon_serves_on(daemon: DaemonHandle) -> None:
+    image, snap = _prepare(daemon, raw=False)
+    good = snap.read_bytes()
+    snap.write_bytes(good[:-100])  # truncated
+    rc, lines, err = finish(_target(daemon, image, "--touch", "seq", "--wait"))
+    assert rc == 2, (rc, lines, err)
+    assert "truncated" in err + str(lines)
+    snap.write_bytes(good)
+    rc, lines, err = finish(_target(daemon, image, "--touch", "seq", "--wait"))
+    assert rc == 0, (lines, err)
