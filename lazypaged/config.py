@@ -202,6 +202,10 @@ class RemoteConfig:
     reconnect_deadline: float = 60.0
     #: Reconnect backoff doubles from 50 ms up to this many seconds.
     backoff_max: float = 1.0
+    #: Receive buffer of bulk connections, in bytes (0: kernel autotuning).
+    #: Bulk data in flight is what an urgent reply can queue behind; the
+    #: window also caps bulk throughput at window ÷ round trip.
+    bulk_window: int = 512 << 10
 
     def check(self) -> None:
         from .peer_tls import check_remote

@@ -72,8 +72,10 @@ MAX_READ: Final = 8 << 20
 MAX_DATA: Final = 4 << 20
 #: Compressed payload bound: zstd never grows data by more than ~1/128 plus a header.
 MAX_PAYLOAD: Final = MAX_DATA + (MAX_DATA >> 7) + 512
-#: Raw data is cut into frames of this size, each with its own checksum.
-DATA_FRAME: Final = 1 << 20
+#: Raw data is cut into frames of this size, each with its own checksum. The
+#: exporter checks for urgent work between two bulk frames, so this bounds
+#: how long a bulk write holds an urgent one up on the exporter.
+DATA_FRAME: Final = 256 << 10
 #: Reads one connection may have in flight; the server says its own in WELCOME.
 DEFAULT_MAX_INFLIGHT: Final = 256
 #: Open exports per connection.
@@ -168,8 +170,12 @@ class Hello:
     role: str
     encodings: tuple[str, ...] = ()
     agent: str = ""
+    #: Names the reader across its connections, so the exporter can hold a
+    #: reader's bulk replies back while its urgent ones are being served.
+    client: str = ""
 
     def __post_init__(self) -> None:
+        _check_text("hello client", self.client, 64)
         if not self.versions or not all(_is_u16(v) for v in self.versions):
             raise LocalProtocolError(f"hello: versions must be 1…65535, not {self.versions!r}")
         if self.role not in ROLES:
@@ -390,7 +396,13 @@ def _text(body: memoryview, what: str) -> str:
 
 def encode_hello(h: Hello) -> bytes:
     body = msgpack.packb(
-        {"versions": list(h.versions), "role": h.role, "encodings": list(h.encodings), "agent": h.agent}
+        {
+            "versions": list(h.versions),
+            "role": h.role,
+            "encodings": list(h.encodings),
+            "agent": h.agent,
+            "client": h.client,
+        }
     )
     return _frame(FrameType.HELLO, body)
 
@@ -686,6 +698,7 @@ class ServerConnection(_Connection):
             raise RemoteProtocolError(f"HELLO: unknown role {role!r}")
         enc = _strings(m.get("encodings", ()), "HELLO encodings")
         agent = _get_str(m, "agent", "", "HELLO")
+        client = _get_str(m, "client", "", "HELLO")
         offered = tuple(int(v) for v in versions)
         version = choose_version(offered)
         if version is None:
@@ -694,7 +707,7 @@ class ServerConnection(_Connection):
                 ErrorCode.VERSION,
             )
         try:
-            self.hello = Hello(offered, role, enc, agent[:MAX_NAME])
+            self.hello = Hello(offered, role, enc, agent[:MAX_NAME], client)
         except LocalProtocolError as e:
             raise RemoteProtocolError(f"HELLO: {e}") from None
         self.version = version
@@ -845,6 +858,7 @@ class ClientConnection(_Connection):
         versions: tuple[int, ...] = VERSIONS,
         alloc: Callable[[int], Buffer] = _PlainBuffer,
         agent: str = "lazypaged",
+        client: str = "",
     ) -> None:
         super().__init__()
         self._alloc = alloc
@@ -855,7 +869,7 @@ class ClientConnection(_Connection):
         self._incoming: _Incoming | None = None
         self._dctx: zstandard.ZstdDecompressor | None = None
         self._zbuf = bytearray()
-        self._hello = Hello(versions, role, encodings, agent)
+        self._hello = Hello(versions, role, encodings, agent, client)
         self._out += [PREAMBLE, encode_hello(self._hello)]
 
     @property

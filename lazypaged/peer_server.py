@@ -28,6 +28,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
@@ -42,14 +43,39 @@ from .snapshot.format import checksum
 from .sources.base import Extent, PageSource, SourceError
 from .sources.registry import SourceRegistry
 
-#: Write buffer marks per connection: DATA frames are 1 MiB, so a few are
-#: queued while the kernel drains the socket, and no more.
-WRITE_HIGH = 4 << 20
-WRITE_LOW = 1 << 20
+#: Write buffer marks per connection: a few DATA frames queued while the
+#: kernel drains the socket, and no more.
+WRITE_HIGH = 1 << 20
+WRITE_LOW = 256 << 10
 #: Seconds a new connection has to say who it is (preamble, TLS handshake).
 HANDSHAKE_TIMEOUT = 10.0
 #: TCP keepalive for exporter sockets: a reader that vanished is noticed.
 _KEEPALIVE = (30, 10, 3)  # idle s, interval s, probes
+
+
+class _Reader:
+    """One reading daemon's connections (HELLO ``client``): strict priority.
+
+    While any urgent read of a reader is being answered, its bulk
+    connection sends nothing: a bulk frame already started finishes, the
+    next waits. Together with the reader's small bulk receive window this
+    keeps an urgent reply from queueing behind bulk data anywhere."""
+
+    def __init__(self) -> None:
+        self.urgent_busy = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.conns = 0
+
+    def begin(self) -> None:
+        self.urgent_busy += 1
+        self.idle.clear()
+
+    def end(self) -> None:
+        self.urgent_busy -= 1
+        if self.urgent_busy <= 0:
+            self.urgent_busy = 0
+            self.idle.set()
 
 
 @dataclass
@@ -85,10 +111,8 @@ class ExportServer:
         self._tls = server_context(cfg)
         self._sock: socket.socket | None = None
         self._conns: set[_ExportProtocol] = set()
+        self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pool_compress: zstandard.ZstdCompressor | None = (
-            zstandard.ZstdCompressor(level=cfg.compress_level) if cfg.compress_level else None
-        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -193,6 +217,18 @@ class ExportServer:
     def _export(self, name: str) -> Export | None:
         return self.exports.get(name)
 
+    def _reader(self, client: str) -> _Reader:
+        r = self._readers.get(client)
+        if r is None:
+            r = self._readers[client] = _Reader()
+        r.conns += 1
+        return r
+
+    def _reader_gone(self, client: str, r: _Reader) -> None:
+        r.conns -= 1
+        if r.conns <= 0 and self._readers.get(client) is r:
+            del self._readers[client]
+
 
 def _fmt(addr: Any) -> str:
     try:
@@ -250,6 +286,8 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         self._handles: dict[int, Export] = {}
         self._closing = False
         self.bytes_sent = 0
+        self._client = ""
+        self._reader: _Reader = _Reader()
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -276,6 +314,13 @@ class _ExportProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._conns.discard(self)
+        if self._client:
+            self.server._reader_gone(self._client, self._reader)
+            self._client = ""
+        if self.urgent:
+            while self._queue:  # bulk replies of this reader must not wait for these
+                self._queue.popleft()[1].cancel()
+                self._reader.end()
         self._closing = True
         for _, task in self._queue:
             task.cancel()
@@ -316,6 +361,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
     def _handle(self, ev: object) -> None:
         if isinstance(ev, pp.Hello):
             self.urgent = ev.role == "urgent"
+            if ev.client:
+                self._client = ev.client
+                self._reader = self.server._reader(ev.client)
             self.log = self.log.bind(role=ev.role)
             self.log.info(
                 "peer_connected", agent=ev.agent, version=self.conn.version, encodings=list(self.conn.encodings)
@@ -332,6 +380,8 @@ class _ExportProtocol(asyncio.BufferedProtocol):
             export = self._handles[ev.handle]
             task = asyncio.get_running_loop().create_task(self._fetch(export, ev))
             self._queue.append((ev, task))
+            if self.urgent:
+                self._reader.begin()
             if self._writer is None:
                 self._writer = asyncio.get_running_loop().create_task(self._write_replies())
         elif isinstance(ev, pp.ReadRefused):
@@ -363,10 +413,10 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 read, task = self._queue[0]
                 try:
                     extents = await task
-                    if self.urgent or self.server._pool_compress is None or "zstd" not in self.conn.encodings:
+                    if self.urgent:
                         self._send(read, extents)
                     else:
-                        await self._send_compressed(read, extents)
+                        await self._send_bulk(read, extents)
                 except SourceError as e:
                     self.conn.fail_read(read.request_id, pp.ErrorCode.SOURCE_ERROR, str(e))
                     self.log.warning("peer_read_failed", request=read.request_id, error=str(e))
@@ -376,6 +426,8 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                     self.log.error("export_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
                     self._internal(read, f"{type(e).__name__}: {e}")
                 self._queue.popleft()
+                if self.urgent:
+                    self._reader.end()
                 self._flush()
                 await self._can_write.wait()
         finally:
@@ -395,29 +447,47 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 self.conn.send_data(rid, _bytes_at(e))
                 self.bytes_sent += e.length
 
-    async def _send_compressed(self, read: pp.Read, extents: list[Extent]) -> None:
+    async def _send_bulk(self, read: pp.Read, extents: list[Extent]) -> None:
+        """Frame by frame, yielding to this reader's urgent replies and to
+        the transport's flow control between frames; compressed if agreed."""
         _check_cover(read, extents)
-        cctx = self.server._pool_compress
-        assert cctx is not None
+        level = self.server.cfg.compress_level if "zstd" in self.conn.encodings else 0
+        loop = asyncio.get_running_loop()
         rid = read.request_id
         for e in extents:
             if e.address == 0:
                 self.conn.send_zero(rid, e.length)
                 continue
-            data = _bytes_at(e)
-            view = memoryview(data)
+            view = memoryview(_bytes_at(e))
             for pos in range(0, e.length, pp.DATA_FRAME):
+                if not self._reader.idle.is_set() or not self._can_write.is_set():
+                    self._flush()
+                    await self._reader.idle.wait()
+                    await self._can_write.wait()
+                    if self._closing:
+                        return
                 piece = view[pos : pos + pp.DATA_FRAME]
-                frame, digest = await asyncio.get_running_loop().run_in_executor(None, _compress, cctx, piece)
-                if len(frame) < len(piece):
-                    self.conn.send_compressed(rid, len(piece), frame, digest)
+                if level:
+                    frame, digest = await loop.run_in_executor(None, _compress, level, piece)
+                    if len(frame) < len(piece):
+                        self.conn.send_compressed(rid, len(piece), frame, digest)
+                    else:
+                        self.conn.send_data(rid, piece)
                 else:
                     self.conn.send_data(rid, piece)
                 self._flush()
             self.bytes_sent += e.length
 
 
-def _compress(cctx: zstandard.ZstdCompressor, piece: memoryview) -> tuple[bytes, bytes]:
+_local = threading.local()
+
+
+def _compress(level: int, piece: memoryview) -> tuple[bytes, bytes]:
+    """Runs in the default executor: one compressor per thread (they are not thread-safe)."""
+    cctx = getattr(_local, "cctx", None)
+    if cctx is None or _local.level != level:
+        cctx = _local.cctx = zstandard.ZstdCompressor(level=level)
+        _local.level = level
     return cctx.compress(piece), checksum(piece)
 
 

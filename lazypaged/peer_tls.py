@@ -106,6 +106,8 @@ def check_remote(cfg: RemoteConfig) -> None:
     for what in ("connect_timeout", "stall_timeout", "reconnect_deadline", "backoff_max"):
         if getattr(cfg, what) <= 0:
             raise ConfigError(f"remote.{what} must be positive")
+    if not 0 <= cfg.bulk_window <= 1 << 30:
+        raise ConfigError("remote.bulk_window must be 0 (autotuning) … 1 GiB")
 
 
 def server_context(cfg: ExportConfig) -> ssl.SSLContext | None:

@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import socket
 import ssl
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
@@ -137,6 +138,7 @@ class _LinkProtocol(asyncio.BufferedProtocol):
             link.role,
             encodings=pp.ENCODINGS if link.peer.pool.cfg.compression else (),
             alloc=link.peer.pool.buffers.take,
+            client=link.peer.client_id,
         )
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
@@ -149,10 +151,6 @@ class _LinkProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
         self.transport = cast(asyncio.Transport, transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -257,6 +255,7 @@ class _Link:
         self.closed = False
         self.connects = 0
         self._tick: asyncio.TimerHandle | None = None
+        self._deliveries: deque[tuple[_Pending, pp.ReadDone]] = deque()
 
     async def read(self, export: _ExportInfo, offset: int, length: int) -> pp.ReadDone:
         if export.broken:
@@ -363,7 +362,8 @@ class _Link:
         async def attempt() -> _LinkProtocol:
             proto: _LinkProtocol | None = None
             try:
-                _, proto = await loop.create_connection(lambda: _LinkProtocol(self), peer.host, peer.port, **kw)
+                sock = await self._dial(loop)
+                _, proto = await loop.create_connection(lambda: _LinkProtocol(self), sock=sock, **kw)
                 await proto.welcomed
                 return proto
             except ssl.SSLError as e:
@@ -374,6 +374,30 @@ class _Link:
                 raise
 
         return await asyncio.wait_for(attempt(), cfg.connect_timeout)
+
+    async def _dial(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        """A connected TCP socket, tuned before connecting: no Nagle, and for
+        the bulk link a bounded receive buffer (``bulk_window``). The bulk
+        bytes in flight are what an urgent reply can queue behind in the
+        kernels; the window bounds them (and bounds the bulk throughput to
+        window ÷ round trip: raise it for long, fat links)."""
+        peer = self.peer
+        infos = await loop.getaddrinfo(peer.host, peer.port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(f"cannot resolve {peer.host}")
+        family, kind, proto, _, addr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            window = peer.pool.cfg.bulk_window
+            if self.role == "bulk" and window:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
+            await loop.sock_connect(sock, addr)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _lost(self, proto: _LinkProtocol, why: str) -> None:
         if self.proto is not proto:
@@ -392,8 +416,29 @@ class _Link:
     def _done(self, ev: pp.ReadDone) -> None:
         p = self.sent.pop(ev.request_id, None)
         if p is not None and not p.future.done():
-            p.future.set_result(ev)
+            if self.role == "urgent":
+                p.future.set_result(ev)
+            else:
+                self._deliveries.append((p, ev))
+                if len(self._deliveries) == 1:
+                    asyncio.get_running_loop().call_soon(self._deliver_one)
         self._pump()
+
+    def _deliver_one(self) -> None:
+        """Hand out one bulk completion per loop iteration.
+
+        Each completion wakes a task that installs up to a fill chunk (a
+        millisecond or so of UFFDIO_COPY). Released all at once, several of
+        them would run back to back ahead of a fault's install that became
+        ready meanwhile; released one per iteration, a fault waits behind at
+        most one."""
+        if not self._deliveries:
+            return
+        p, ev = self._deliveries.popleft()
+        if not p.future.done():
+            p.future.set_result(ev)
+        if self._deliveries:
+            asyncio.get_running_loop().call_soon(self._deliver_one)
 
     def _failed(self, ev: pp.ReadFailed) -> None:
         p = self.sent.pop(ev.request_id, None)
@@ -476,6 +521,8 @@ class Peer:
         self.log = structlog.get_logger().bind(peer=self.label)
         self.exports: dict[str, _ExportInfo] = {}
         self._by_handle: dict[int, _ExportInfo] = {}
+        #: Sent in HELLO on both links so the exporter can pair them.
+        self.client_id = uuid.uuid4().hex
         self.urgent = _Link(self, "urgent")
         self.bulk = _Link(self, "bulk")
         self.refs = 0
