@@ -333,3 +333,18 @@ def test_seek_table_disagreeing_with_the_index(tmp_path: Path, image: tuple[Path
     blob[at] ^= 1
     out.write_bytes(bytes(blob))
     _open_fails(out, "seek table entry 2 disagrees")
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="the zstd command is not installed (apt-get install zstd)")
+def test_zstd_cli_with_big_zero_chunks(tmp_path: Path) -> None:
+    """Zero chunks larger than a zstd block are several RLE blocks: still valid zstd."""
+    raw = tmp_path / "z.raw"
+    data = bytes(2 << 20) + os.urandom(1 << 20) + bytes(1 << 20)
+    raw.write_bytes(data)
+    out = tmp_path / "z.lzs"
+    create_from_raw(raw, out, chunk_size=1 << 20)
+    with SnapshotReader(out) as rd:
+        assert [c.kind for c in rd.index.chunks] == [0, 0, 2, 0]
+    res = subprocess.run(["zstd", "-d", "-c", "-q", str(out)], capture_output=True, check=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data
