@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import BenchError, GroupResult, Options, Ratio, Row
 
 #: Benchmark groups in run order; each is the module benchmarks/<name>.py.
-GROUPS = ["core"]
+GROUPS = ["core", "remote"]
 
 
 def _group(name: str) -> ModuleType:
