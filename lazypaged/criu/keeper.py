@@ -5,24 +5,36 @@ lazy-pages daemon has it, so the daemon holds the last reference. If the
 daemon dies (SIGKILL, OOM, a bug) the kernel drops the registrations and the
 target's next touch of a missing page silently reads *zeros*.
 
-The keeper is a tiny separate process started by the daemon. The daemon
-hands it a duplicate of every uffd, with a pidfd of the task when it has
-one, and tells it when a session no longer needs protecting (its pages are
-all in, or its task is gone). While the keeper holds a copy, a daemon crash
-does not close the last reference: the target blocks on its missing page.
-When the keeper sees the daemon's end of the socket close without a
-release, it SIGKILLs every task it still guards (through the pidfd, so no
-pid can be reused under it) and only then closes the uffds. A killed
-restore is a clear failure; corrupted memory is not.
+The keeper is a tiny separate process started by the daemon. It holds:
+
+* a duplicate of every uffd the daemon serves, with a pidfd of the task
+  when the daemon found one (message ``H``);
+* a duplicate of every ``criu restore`` connection still sending task
+  records, with a pidfd of the restorer (message ``C``): a record the
+  daemon has not read yet carries a uffd that would otherwise die, unread,
+  with the daemon's socket;
+* a duplicate of the listening lazy-pages socket (message ``L``): a restore
+  that connected but was not accepted yet has queued uffds too.
+
+The daemon releases an entry (``R``) once its pages are all in, its task is
+gone, or the restore connection is finished. When the keeper sees the
+daemon's end of its socket close, it reads what is left on every restore
+connection it holds (taking those uffds too), SIGKILLs every task it still
+guards — through pidfds, so no pid can be reused under it — waits for them
+to die, and only then closes the uffds. A killed restore is a clear failure;
+corrupted memory is not. A guarded uffd whose task cannot be found is held
+for as long as the keeper lives: that target blocks instead of reading
+zeros.
 
 Wire format on a SOCK_SEQPACKET socketpair, one datagram per message:
-``b"H" + key`` with SCM_RIGHTS [uffd] or [uffd, pidfd] (hold), ``b"R" + key``
-(release). The keeper never answers.
+``b"H" + key`` with SCM_RIGHTS [uffd] or [uffd, pidfd]; ``b"C" + key`` with
+[connection] or [connection, restorer pidfd]; ``b"L" + key`` with
+[listening socket]; ``b"R" + key``. The keeper
+never answers. It imports only the standard library and two small modules.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import select
@@ -34,7 +46,10 @@ import time
 from typing import Any
 
 _MAX_FDS = 2
-_CMSG_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+#: Seconds the keeper keeps reading a restore connection after the daemon died.
+DRAIN_SECONDS = 2.0
+#: Seconds it waits for killed tasks to be gone before closing their uffds.
+KILL_WAIT_SECONDS = 2.0
 
 
 class Keeper:
@@ -55,21 +70,32 @@ class Keeper:
             theirs.close()
         ours.set_inheritable(False)
 
-    def hold(self, key: str, uffd: int, pidfd: int | None) -> None:
+    def _send(self, kind: bytes, key: str, fds: list[int]) -> None:
         if self._sock is None:
             return
-        fds = [uffd] if pidfd is None else [uffd, pidfd]
         try:
-            socket.send_fds(self._sock, [b"H" + key.encode()], fds)
+            if fds:
+                socket.send_fds(self._sock, [kind + key.encode()], fds)
+            else:
+                self._sock.send(kind + key.encode())
         except OSError as e:
             if self.log is not None:
                 self.log.error("keeper_lost", error=str(e), consequence="a daemon crash would zero-fill targets")
 
+    def hold(self, key: str, uffd: int, pidfd: int | None) -> None:
+        """Guard a session's uffd (and its task, to kill if the daemon dies)."""
+        self._send(b"H", key, [uffd] if pidfd is None else [uffd, pidfd])
+
+    def watch_connection(self, key: str, conn: int, restorer_pidfd: int | None) -> None:
+        """Guard the uffds still queued on a restore connection."""
+        self._send(b"C", key, [conn] if restorer_pidfd is None else [conn, restorer_pidfd])
+
+    def watch_listener(self, key: str, listener: int) -> None:
+        """Guard restores that connected but were not accepted yet."""
+        self._send(b"L", key, [listener])
+
     def release(self, key: str) -> None:
-        if self._sock is None:
-            return
-        with contextlib.suppress(OSError):
-            self._sock.send(b"R" + key.encode())
+        self._send(b"R", key, [])
 
     def close(self) -> None:
         """Close our end: the keeper kills what it still guards, then exits."""
@@ -77,17 +103,99 @@ class Keeper:
         if sock is not None:
             sock.close()
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=DRAIN_SECONDS + KILL_WAIT_SECONDS + 5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# -- the keeper process ------------------------------------------------------------------------
+
+
+def _say(msg: str) -> None:
+    print(f"lazypaged keeper: {msg}", file=sys.stderr, flush=True)
+
+
+def _kill(pidfd: int, what: str) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except OSError:
+        return False
+    _say(f"daemon gone, killed unfinished target ({what})")
+    return True
+
+
+def _drain(conn: int, restorer_pidfd: int | None, key: str) -> list[list[int]]:
+    """Read the records left on a restore connection; (uffd, task pidfd) of each."""
+    from .procs import find_task, pid_of_pidfd
+    from .records import RecordError, RecordReader, TaskRecord
+
+    restorer = pid_of_pidfd(restorer_pidfd) if restorer_pidfd is not None else None
+    sock = socket.socket(fileno=conn)
+    out: list[list[int]] = []
+    reader = RecordReader()
+    deadline = time.monotonic() + DRAIN_SECONDS
+    claimed: set[int] = set()
+    try:
+        while not reader.finished and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                data, fds, _f, _a = socket.recv_fds(sock, reader.need(), _MAX_FDS)
+            except (TimeoutError, OSError):
+                break
+            if not data:
+                for f in fds:
+                    os.close(f)
+                break
+            try:
+                ev = reader.feed(data, list(fds))
+            except RecordError:
+                out += [[f] for f in fds]
+                break
+            if isinstance(ev, TaskRecord) and ev.fd is not None:
+                entry = [ev.fd]
+                if restorer:
+                    _pid, pidfd = find_task(restorer, ev.pid, claimed)
+                    if pidfd is not None:
+                        entry.append(pidfd)
+                out.append(entry)
+                _say(f"took an unread uffd of image pid {ev.pid} from restore {key}")
+    finally:
+        sock.close()  # a restore still sending now fails, and cleans up its own tasks
+    return out
+
+
+def _drain_listener(listener: int, key: str) -> list[tuple[str, list[int]]]:
+    """Accept the restores still waiting in the backlog and drain each."""
+    lsock = socket.socket(fileno=listener)
+    lsock.setblocking(False)
+    out: list[tuple[str, list[int]]] = []
+    try:
+        while True:
+            try:
+                conn, _ = lsock.accept()
+            except OSError:
+                break
+            ucred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            peer = int.from_bytes(ucred[:4], sys.byteorder, signed=True)
+            try:
+                pidfd: int | None = os.pidfd_open(peer) if peer > 0 else None
+            except OSError:
+                pidfd = None
+            what = f"unaccepted restore on {key}"
+            out += [(what, e) for e in _drain(conn.detach(), pidfd, what)]
+            if pidfd is not None:
+                os.close(pidfd)
+    finally:
+        lsock.close()
+    return out
 
 
 def _serve(fd: int) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)
-    held: dict[bytes, list[int]] = {}
+    held: dict[bytes, tuple[bytes, list[int]]] = {}
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, 4096, _MAX_FDS)
@@ -98,44 +206,50 @@ def _serve(fd: int) -> int:
         if not data:
             break
         kind, key = data[:1], data[1:]
-        if kind == b"H" and fds:
-            for old in held.pop(key, []):
-                os.close(old)
-            held[key] = list(fds)
+        for old in held.pop(key, (b"", []))[1]:
+            os.close(old)
+        if kind in (b"H", b"C", b"L") and fds:
+            held[key] = (kind, list(fds))
         else:
             for f in fds:
                 os.close(f)
-            for old in held.pop(key, []):
-                os.close(old)
-    # The daemon is gone. Kill first, close after: closing a uffd whose
-    # target still runs is exactly what this process exists to prevent.
+    # The daemon is gone. Take what restores still had queued for it, then
+    # kill first and close after: closing a uffd whose target still runs is
+    # exactly what this process exists to prevent.
+    guarded: list[tuple[str, list[int]]] = []
+    for key, (kind, fds) in held.items():
+        if kind == b"L":
+            guarded += _drain_listener(fds[0], key.decode())
+        elif kind == b"C":
+            for f in fds[1:]:
+                guarded.append((f"restorer of {key.decode()}", [-1, f]))  # closed below, never killed
+            guarded += [(key.decode(), e) for e in _drain(fds[0], fds[1] if len(fds) > 1 else None, key.decode())]
+        else:
+            guarded.append((key.decode(), fds))
     poller = select.poll()
-    for key, fds in held.items():
-        if len(fds) > 1:
-            try:
-                signal.pidfd_send_signal(fds[1], signal.SIGKILL)
-                print(f"lazypaged keeper: daemon gone, killed unfinished target ({key.decode()})", file=sys.stderr)
-                poller.register(fds[1], select.POLLIN)
-            except OSError:
-                pass
-    # Wait (briefly) until the killed tasks are really gone.
-    deadline = time.monotonic() + 2.0
-    waiting = {fds[1] for fds in held.values() if len(fds) > 1}
+    waiting = set()
+    for what, fds in guarded:
+        if len(fds) > 1 and fds[0] >= 0 and _kill(fds[1], what):
+            poller.register(fds[1], select.POLLIN)
+            waiting.add(fds[1])
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
     while waiting and time.monotonic() < deadline:
         for f, _ev in poller.poll(100):
             waiting.discard(f)
             poller.unregister(f)
-        else:
-            # No pidfd: hold the uffd for as long as we live, so the target
-            # blocks (visible, killable) instead of reading zeros.
-            print(f"lazypaged keeper: daemon gone; target of {key.decode()} unknown, blocking it", file=sys.stderr)
-    if any(len(fds) == 1 for fds in held.values()):
+    blocked = [what for what, fds in guarded if len(fds) == 1]
+    if blocked:
+        # No way to kill these: hold their uffds for as long as we live, so
+        # the targets block (visible, killable) instead of reading zeros.
+        _say(f"daemon gone; cannot find the tasks of {', '.join(blocked)}: holding their memory blocked")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         while True:
             signal.pause()
-    for fds in held.values():
+    for _what, fds in guarded:
         for f in fds:
-            os.close(f)
+            if f >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(f)
     return 0
 
 

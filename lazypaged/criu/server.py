@@ -39,6 +39,7 @@ from ..sources import PageSource, RawImageSource, SourceError
 from ..unixsock import AncillaryTruncated, listen_unix, peer_cred, recv_fds
 from . import images as img
 from .keeper import Keeper
+from .procs import find_child, find_task
 from .records import RecordError, RecordReader, RestoreFinished, TaskRecord
 from .remote import PageServerClient, RemoteTaskSource
 
@@ -115,19 +116,24 @@ class RestoreRun:
         conn.setblocking(False)
         with contextlib.suppress(OSError):
             self._peer_pid = peer_cred(conn).pid
+        # From now until its last record is read, a daemon crash must not
+        # drop the uffds still queued on this connection (see keeper.py).
+        watch = f"restore{self.number}"
+        if self.keeper is not None:
+            restorer = _pidfd(self._peer_pid)
+            self.keeper.watch_connection(watch, conn.fileno(), restorer)
+            if restorer is not None:
+                os.close(restorer)
+        expected: list[img.PstreeEntry] = []
         try:
             expected = img.load_pstree(self.images_dir)
             if self.page_server is not None:
                 self._client = await self._connect()
-        except (img.ImageError, SourceError) as e:
-            self.log.error("criu_restore_refused", error=str(e))
-            self.result.message = str(e)
-            return self.result
-        self.log.info(
-            "criu_restore_started", images=str(self.images_dir), tasks=len(expected), restorer_pid=self._peer_pid,
-            page_server=f"{self.page_server.address}:{self.page_server.port}" if self.page_server else None,
-        )
-        try:
+            self.log.info(
+                "criu_restore_started", images=str(self.images_dir), tasks=len(expected),
+                restorer_pid=self._peer_pid,
+                page_server=f"{self.page_server.address}:{self.page_server.port}" if self.page_server else None,
+            )
             await self._read_records(conn)
         except (RecordError, img.ImageError, SourceError, _uffd.UffdError) as e:
             self.log.error("criu_restore_broken", error=str(e))
@@ -135,6 +141,9 @@ class RestoreRun:
         except (ConnectionError, AncillaryTruncated) as e:
             self.log.error("criu_restore_broken", error=f"lazy-pages socket: {e}")
             self.result.message = str(e)
+        finally:
+            if self.keeper is not None:
+                self.keeper.release(watch)
         if not self.result.restore_finished:
             # The restore failed (or we broke it). Its tasks are probably
             # being killed; fill anyway so every session learns either way.
@@ -202,7 +211,7 @@ class RestoreRun:
         except BaseException:
             os.close(fd)
             raise
-        host_pid, pidfd = _find_task(self._peer_pid, rec.pid, self._claimed_pids)
+        host_pid, pidfd = find_task(self._peer_pid, rec.pid, self._claimed_pids)
         sid = f"criu{self.number}-{rec.pid}"
         log = structlog.get_logger().bind(session=sid, kind="criu", pid=host_pid, image_pid=rec.pid)
         session = RestoreSession(
@@ -268,7 +277,7 @@ class RestoreRun:
     def adopt(self, child: RestoreSession) -> None:
         """A restored task forked: serve the child too (SessionHost)."""
         parent_pid = _parent_of(child.id, self.sessions)
-        pid, pidfd = _find_child(parent_pid, self._claimed_pids) if parent_pid else (None, None)
+        pid, pidfd = find_child(parent_pid, self._claimed_pids) if parent_pid else (None, None)
         if pidfd is not None:
             child.pid = pid
         self._start(child, pidfd)
@@ -298,81 +307,18 @@ class RestoreRun:
                 s.abandon()
 
 
-# -- finding the restored tasks' host pids ----------------------------------------------------
+def _parent_of(child_id: str, sessions: dict[str, RestoreSession]) -> int | None:
+    parent = sessions.get(child_id.rsplit(".", 1)[0])
+    return parent.pid if parent is not None else None
 
 
-def _descendants(root: int) -> list[int]:
-    out: list[int] = []
-    todo = [root]
-    while todo and len(out) < 100_000:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
-def _nspid(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("NSpid:"):
-                    return [int(x) for x in line.split()[1:]]
-    except OSError:
-        pass
-    return []
-
-
-def _open_pidfd(pid: int) -> int | None:
+def _pidfd(pid: int) -> int | None:
+    if pid <= 0:
+        return None
     try:
         return os.pidfd_open(pid)
     except OSError:
         return None
-
-
-def _find_task(restorer: int, image_pid: int, claimed: set[int]) -> tuple[int | None, int | None]:
-    """Host pid and pidfd of the restored task whose innermost pid is ``image_pid``."""
-    if restorer <= 0:
-        return None, None
-    for p in _descendants(restorer):
-        ns = _nspid(p)
-        if ns and ns[-1] == image_pid and p not in claimed:
-            fd = _open_pidfd(p)
-            if fd is not None:
-                claimed.add(p)
-                return p, fd
-    return None, None
-
-
-def _find_child(parent: int, claimed: set[int]) -> tuple[int | None, int | None]:
-    """The newest not yet claimed child of ``parent`` (a fork just reported)."""
-    kids: list[int] = []
-    try:
-        for t in os.listdir(f"/proc/{parent}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{t}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        return None, None
-    for p in sorted(set(kids) - claimed, reverse=True):
-        fd = _open_pidfd(p)
-        if fd is not None:
-            claimed.add(p)
-            return p, fd
-    return None, None
-
-
-def _parent_of(child_id: str, sessions: dict[str, RestoreSession]) -> int | None:
-    parent = sessions.get(child_id.rsplit(".", 1)[0])
-    return parent.pid if parent is not None else None
 
 
 def _fdinfo_features(fd: int) -> int:
@@ -439,6 +385,7 @@ class LazyPagesServer:
         if self.keeper is None:
             self.keeper = Keeper(self.log)
         self._sock, self._path = bind_lazy_pages_socket(self.work_dir)
+        self.keeper.watch_listener("listener", self._sock.fileno())
         self._accepting = asyncio.get_running_loop().create_task(self._accept_loop(), name="criu-accept")
         self.log.info("criu_listening", socket=str(self._path), images=str(self.images_dir))
 
@@ -476,6 +423,8 @@ class LazyPagesServer:
         if self._accepting is not None and self._accepting is not asyncio.current_task():
             self._accepting.cancel()
         self._accepting = None
+        if self.keeper is not None and self._sock is not None:
+            self.keeper.release("listener")
         if self._sock is not None:
             self._sock.close()
             self._sock = None

@@ -1,0 +1,1 @@
+"""Helpers for the tests against the real CRIU: a test program, netns pairs, runs."""
