@@ -183,13 +183,13 @@ class _Slab:
     """Decoded chunks side by side. Extents and cache entries hold it; when the
     last lets go, its memory goes back to the pool for the next decode."""
 
-    __slots__ = ("address", "cached", "data", "pool")
+    __slots__ = ("address", "data", "members", "pool")
 
     def __init__(self, data: bytearray, pool: _SlabPool) -> None:
         self.data = data
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(data))
         self.pool = pool
-        self.cached = 0  # how many of its chunks the cache holds
+        self.members: list[int] = []  # chunks the cache may find in it
 
     def __del__(self) -> None:
         self.pool.give_back(self.data)
@@ -237,7 +237,10 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         super().__init__(reader)
         self._chunk_size = reader.header.chunk_size
         self._slabs = _SlabPool(self._chunk_size)
-        self._cache: OrderedDict[int, tuple[_Slab, int]] = OrderedDict()
+        # The cache: where each recently decoded chunk is, and its slabs in
+        # LRU order (evicted whole: one slab's chunks were decoded together).
+        self._where: dict[int, tuple[_Slab, int]] = {}
+        self._lru: OrderedDict[int, _Slab] = OrderedDict()
         self._cache_limit = cache_bytes
         self._cache_bytes = 0  # bytes of the slabs the cache keeps alive
         self._inflight: dict[int, tuple[_Job, _Slab, int]] = {}
@@ -247,23 +250,30 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
 
     # -- cache ----------------------------------------------------------------------
     def _cached(self, i: int) -> tuple[_Slab, int] | None:
-        hit = self._cache.get(i)
+        hit = self._where.get(i)
         if hit is not None:
-            self._cache.move_to_end(i)
+            self._lru.move_to_end(id(hit[0]))
         return hit
 
-    def _remember(self, i: int, slab: _Slab, off: int) -> None:
-        if i in self._cache:
+    def _remember(self, slab: _Slab, items: list[tuple[int, int]]) -> None:
+        """Cache decoded chunks of ``slab``; evict least recently used slabs over the limit."""
+        if not items:
             return
-        self._cache[i] = (slab, off)
-        if not slab.cached:
+        for i, off in items:
+            self._where[i] = (slab, off)
+            slab.members.append(i)
+        key = id(slab)  # unique while the slab is in the LRU (it is alive)
+        if key in self._lru:
+            self._lru.move_to_end(key)
+        else:
+            self._lru[key] = slab
             self._cache_bytes += len(slab.data)
-        slab.cached += 1
-        while self._cache_bytes > self._cache_limit and len(self._cache) > 1:
-            _, (old, _) = self._cache.popitem(last=False)
-            old.cached -= 1
-            if not old.cached:
-                self._cache_bytes -= len(old.data)
+        while self._cache_bytes > self._cache_limit and len(self._lru) > 1:
+            _, old = self._lru.popitem(last=False)
+            self._cache_bytes -= len(old.data)
+            for i in old.members:
+                if self._where.get(i, (None, 0))[0] is old:
+                    del self._where[i]
 
     # -- decoding -------------------------------------------------------------------
     def _plan(self, chunks: Sequence[int]) -> list[tuple[_Slab, list[tuple[int, int]]]]:
@@ -304,12 +314,13 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
             self._check_open()
         for slab, items in self._plan(missing):
             errors = self._decode_into(slab, items)
-            self.chunks_decoded += len(items)
+            good = [(i, off) for i, off in items if errors[i] is None]
+            self.chunks_decoded += len(good)
+            self._remember(slab, good)
+            bad = [err for err in errors.values() if err is not None]
+            if bad:
+                raise bad[0]
             for i, off in items:
-                err = errors[i]
-                if err is not None:
-                    raise err
-                self._remember(i, slab, off)
                 have[i] = (slab.address + off, slab)
         return self._build(pieces, have)
 
@@ -357,12 +368,12 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         """On the loop, when a decode job ends: cache what decoded, forget the job."""
         ok = not job.cancelled() and job.exception() is None
         results = job.result() if ok else {}
-        for i, off in part:
+        for i, _ in part:
             if self._inflight.get(i, (None,))[0] is job:
                 del self._inflight[i]
-            if ok and results[i] is None:
-                self.chunks_decoded += 1
-                self._remember(i, slab, off)
+        good = [(i, off) for i, off in part if ok and results[i] is None]
+        self.chunks_decoded += len(good)
+        self._remember(slab, good)
 
     def _check_open(self) -> None:
         if self.reader.fd < 0:
@@ -378,7 +389,8 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        self._cache.clear()
+        self._where.clear()
+        self._lru.clear()
         self._cache_bytes = 0
         self._slabs.clear()
         super().close()
