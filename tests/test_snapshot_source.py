@@ -347,3 +347,26 @@ def test_bad_chunk_in_a_batch_spoils_only_itself(tmp_path: Path, image: tuple[Pa
             src.close()
 
     asyncio.run(main())
+
+
+def test_cache_keeps_recent_slabs_within_its_limit(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    path = _make(tmp_path, image, "zstd")
+
+    async def main() -> None:
+        src = CompressedSnapshotSource(SnapshotReader(path), cache_bytes=4 << 20, workers=2)
+        fill = 2 << 20
+        try:
+            held = await src.fetch(0, fill)
+            for off in range(fill, SIZE, fill):
+                await src.fetch(off, fill)
+            assert src._cache_bytes <= 4 << 20
+            n = src.chunks_decoded
+            await src.fetch(SIZE - fill, fill)  # the most recent: cached
+            assert src.chunks_decoded == n
+            await src.fetch(0, fill)  # the oldest: evicted, decoded again
+            assert src.chunks_decoded > n
+            assert gather(held) == image[1][:fill]  # held extents kept their slab
+        finally:
+            src.close()
+
+    asyncio.run(main())
