@@ -353,13 +353,13 @@ def test_cache_keeps_recent_slabs_within_its_limit(tmp_path: Path, image: tuple[
     path = _make(tmp_path, image, "zstd")
 
     async def main() -> None:
-        src = CompressedSnapshotSource(SnapshotReader(path), cache_bytes=4 << 20, workers=2)
+        src = CompressedSnapshotSource(SnapshotReader(path), cache_bytes=2 << 20, workers=2)
         fill = 2 << 20
         try:
             held = await src.fetch(0, fill)
             for off in range(fill, SIZE, fill):
                 await src.fetch(off, fill)
-            assert src._cache_bytes <= 4 << 20
+            assert src._cache_bytes <= 2 << 20
             n = src.chunks_decoded
             await src.fetch(SIZE - fill, fill)  # the most recent: cached
             assert src.chunks_decoded == n
