@@ -7,11 +7,12 @@ random pages (does not compress). It is turned into two snapshots with
 ``lazypaged snapshot create`` at the default settings: zstd level 3 with
 64 KiB chunks, and the raw layout (128 KiB chunks, served zero-copy).
 
-Each run restores a fresh target from each snapshot (order alternating) and
-write-touches every page in sequence through ``target.py lp-seq``; the time
-from ``restore()`` to the last touch gives the throughput. The daemon runs
-with the same [session] defaults as the core group. Creation is timed once
-per layout (it writes the file and fsyncs it).
+Each run restores a fresh target from each snapshot, and from the raw image
+file itself as a baseline (order rotating), and write-touches every page in
+sequence through ``target.py lp-seq``; the time from ``restore()`` to the
+last touch gives the throughput. The daemon's CPU time per restore is read
+from schedstat. The daemon runs with the same [session] defaults as the core
+group. Creation is timed once per layout (it writes the file and fsyncs it).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def run(opts: Options) -> GroupResult:
     raw_gibps = gib / common.median(s["raw_seq_s"])
     res.ratios += [
         Ratio("zstd_restore_gib_s", zstd_gibps, 1.0, ">=", "restore from the zstd snapshot, GiB/s", "GiB/s"),
-        Ratio("zstd_vs_raw", zstd_gibps / raw_gibps, 0.0, ">=", "zstd restore speed / raw-layout restore speed"),
+        Ratio("zstd_vs_raw", zstd_gibps / raw_gibps, 0.0, ">=", "zstd / raw-layout restore speed (informational)"),
     ]
     res.notes += notes
     return res
