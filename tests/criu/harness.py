@@ -128,13 +128,17 @@ class Program:
         return self.out.read_bytes()[-2000:].decode(errors="replace")
 
 
-def start_program(prog: Path, out: Path, size_mib: int, mode: str, interval_ms: int = 100,
-                  netns: str | None = None) -> Program:
+def start_program(
+    prog: Path, out: Path, size_mib: int, mode: str, interval_ms: int = 100, netns: str | None = None
+) -> Program:
     outf = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
     try:
         p = subprocess.Popen(
             [*netns_prefix(netns), "unshare", "-p", "-f", "setsid", str(prog), str(size_mib), mode, str(interval_ms)],
-            stdin=subprocess.DEVNULL, stdout=outf, stderr=outf, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=outf,
+            stderr=outf,
+            close_fds=True,
         )
     finally:
         os.close(outf)
@@ -186,8 +190,9 @@ def stop_program(p: Program) -> None:
         p.unshare.wait()
 
 
-def dump(criu: Path, pid: int, images: Path, *, lazy_address: str | None = None, lazy_port: int = 0,
-         netns: str | None = None) -> subprocess.Popen[bytes]:
+def dump(
+    criu: Path, pid: int, images: Path, *, lazy_address: str | None = None, lazy_port: int = 0, netns: str | None = None
+) -> subprocess.Popen[bytes]:
     """``criu dump``; with an address, a lazy dump that serves pages until CLOSE."""
     images.mkdir(parents=True, exist_ok=True)
     cmd = [*netns_prefix(netns), str(criu), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4"]
@@ -204,7 +209,9 @@ def wait_dump(proc: subprocess.Popen[bytes], images: Path, timeout: float = 60) 
         proc.communicate()
         raise
     if proc.returncode:
-        raise RuntimeError(f"criu dump exited with {proc.returncode}: {err.decode()[-500:]}\n{log_tail(images / 'dump.log')}")
+        raise RuntimeError(
+            f"criu dump exited with {proc.returncode}: {err.decode()[-500:]}\n{log_tail(images / 'dump.log')}"
+        )
 
 
 def wait_page_server(images: Path, dump_proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -239,7 +246,9 @@ class LazyDaemon:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"the lazy-pages daemon did not exit within {timeout} s:\n{log_tail(self.log)}") from None
+            raise TimeoutError(
+                f"the lazy-pages daemon did not exit within {timeout} s:\n{log_tail(self.log)}"
+            ) from None
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -247,8 +256,16 @@ class LazyDaemon:
             self.proc.wait()
 
 
-def start_lazy_daemon(kind: str, criu: Path, images: Path, *, address: str | None = None, port: int = 0,
-                      netns: str | None = None, extra: list[str] | None = None) -> LazyDaemon:
+def start_lazy_daemon(
+    kind: str,
+    criu: Path,
+    images: Path,
+    *,
+    address: str | None = None,
+    port: int = 0,
+    netns: str | None = None,
+    extra: list[str] | None = None,
+) -> LazyDaemon:
     """``lazypaged criu-lazy-pages`` or ``criu lazy-pages`` with the same arguments, until ready."""
     if kind == "lazypaged":
         cmd = [sys.executable, "-m", "lazypaged", "criu-lazy-pages"]
@@ -263,8 +280,12 @@ def start_lazy_daemon(kind: str, criu: Path, images: Path, *, address: str | Non
     cmd += extra or []
     try:
         proc = subprocess.Popen(
-            [*netns_prefix(netns), *cmd], pass_fds=(w,), stdin=subprocess.DEVNULL, cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [*netns_prefix(netns), *cmd],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
     finally:
         os.close(w)
@@ -306,8 +327,18 @@ def restore(criu: Path, images: Path, *, lazy: bool = True, netns: str | None = 
     pidfile = images / "restored.pid"
     with contextlib.suppress(FileNotFoundError):
         pidfile.unlink()
-    cmd = [*netns_prefix(netns), str(criu), "restore", "-D", str(images), "-o", "restore.log", "-v4",
-           "--pidfile", str(pidfile)]
+    cmd = [
+        *netns_prefix(netns),
+        str(criu),
+        "restore",
+        "-D",
+        str(images),
+        "-o",
+        "restore.log",
+        "-v4",
+        "--pidfile",
+        str(pidfile),
+    ]
     if lazy:
         cmd.append("--lazy-pages")
     t = time.monotonic()
