@@ -370,3 +370,16 @@ def test_cache_keeps_recent_slabs_within_its_limit(tmp_path: Path, image: tuple[
             src.close()
 
     asyncio.run(main())
+
+
+def test_truncated_while_served(served: tuple[str, Path], image: tuple[Path, bytes]) -> None:
+    """Truncating the file in place gives an error (never SIGBUS in the daemon, never bytes)."""
+    _, path = served
+    src = open_source(path)
+    try:
+        assert gather(src.extents(0, CHUNK)) == image[1][:CHUNK]
+        os.truncate(path, path.stat().st_size // 2)
+        with pytest.raises(SourceError, match="shrank|short read"):
+            src.extents(SIZE - 2 * CHUNK, 2 * CHUNK)
+    finally:
+        src.close()

@@ -413,8 +413,16 @@ class MappedSnapshotSource(_SnapshotSourceBase):
         if not self._base:
             raise SourceError(f"{self.name}: source is closed")
         pieces = self._pieces(offset, length)
+        needed = _chunks_of(pieces)
+        if needed:
+            # Reading a mapping past the end of its file raises SIGBUS in the
+            # daemon: check the file still holds these chunks before hashing.
+            last = self.reader.index.chunks[needed[-1]]
+            size = os.fstat(self.reader.fd).st_size
+            if size < last.frame_offset + last.frame_size:
+                raise SourceError(f"{self.name}: file shrank to {size} bytes while being served")
         addrs: dict[int, tuple[int, object]] = {}
-        for i in _chunks_of(pieces):
+        for i in needed:
             c = self.reader.index.chunks[i]
             addr = self._base + c.frame_offset + c.data_offset
             if not self._verified[i]:
