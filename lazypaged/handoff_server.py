@@ -31,6 +31,7 @@ import os
 import select
 import socket
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -43,6 +44,7 @@ from .session import PAGE, Mapping, Region, RestoreSession
 from .sessions import SessionTable
 from .sources import PageSource, SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
+from .sources.remote import PeerPool
 from .unixsock import AncillaryTruncated, PeerCred, listen_unix, peer_cred, recv_fds
 
 _abi = _uffd.abi
@@ -205,7 +207,14 @@ class HandoffServer:
             fd = -1
             try:
                 req, fd = await asyncio.wait_for(self._read_request(conn), self.cfg.request_timeout)
-                session = self._start_session(req, fd, cred, log)
+                # Remote sources are contacted here, without blocking the loop;
+                # _start_session then finds them open.
+                warm = await self._open_remote(req)
+                try:
+                    session = self._start_session(req, fd, cred, log)
+                finally:
+                    for src in warm:
+                        self.registry.release(src)
                 fd = -1  # owned by the session now
             finally:
                 if fd >= 0:
@@ -324,16 +333,23 @@ class HandoffServer:
         self.sessions.add(session)
         return session
 
+    async def _open_remote(self, req: hp.RestoreRequest) -> list[PageSource]:
+        """Acquire the request's remote sources (first contact with a peer)."""
+        opened: list[PageSource] = []
+        try:
+            for name in sorted({r.source for r in req.ranges if PeerPool.handles(r.source)}):
+                with _refusals():
+                    opened.append(await self.registry.acquire_async(name))
+        except BaseException:
+            for src in opened:
+                self.registry.release(src)
+            raise
+        return opened
+
     def _mapping(self, r: hp.RangeSpec, acquired: list[PageSource]) -> Mapping:
         """Open ``r``'s snapshot (appended to ``acquired``) and place it at ``r.start``."""
-        try:
+        with _refusals():
             src = self.registry.acquire(r.source)
-        except UnknownSource as e:
-            raise Refused("unknown_source", str(e)) from None
-        except ForbiddenSource as e:
-            raise Refused("forbidden_source", str(e)) from None
-        except SourceError as e:
-            raise Refused("source_error", str(e)) from None
         acquired.append(src)
         if r.offset + r.length > src.size:
             raise Refused(
@@ -343,6 +359,19 @@ class HandoffServer:
             )
         ps = r.page_size or PAGE
         return Mapping(r.start, r.end, Region(src, r.offset, r.length // ps, page=ps), 0)
+
+
+@contextlib.contextmanager
+def _refusals() -> Iterator[None]:
+    """Source lookup errors as the refusal codes the client sees."""
+    try:
+        yield
+    except UnknownSource as e:
+        raise Refused("unknown_source", str(e)) from None
+    except ForbiddenSource as e:
+        raise Refused("forbidden_source", str(e)) from None
+    except SourceError as e:
+        raise Refused("source_error", str(e)) from None
 
 
 def _check_ranges(specs: tuple[hp.RangeSpec, ...]) -> list[hp.RangeSpec]:
