@@ -39,6 +39,7 @@ from benchmarks.common import BenchError, GroupResult, Options, Ratio, Row
 
 #: Benchmark groups in run order; each is the module benchmarks/<name>.py.
 GROUPS = ["core", "remote"]
+GROUPS.append("criu")  # benchmarks/criu.py: needs criu (scripts/install-criu.sh) and ip netns
 
 
 def _group(name: str) -> ModuleType:

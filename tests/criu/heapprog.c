@@ -2,7 +2,7 @@
  * A CRIU test program: fills a heap with a known pattern and keeps printing
  * a checksum of it, one line per pass:
  *
- *     pass=N sum=HEX bad=K [extra fields]
+ *     pass=N sum=HEX bad=K [extra fields] t=SECONDS
  *
  * "bad" counts 8-byte words that differ from the pattern, so a wrong page
  * shows up even if the sum happened to match. Modes (argv[2]):
@@ -15,6 +15,8 @@
  *             MADV_DONTNEED, checks that it reads back as zeros
  *             (zero_bad=K), and writes the pattern into it again
  *
+ * t is the wall-clock time (CLOCK_REALTIME: a restored time namespace shifts
+ * the monotonic clocks, not this one) when the line was printed.
  * One page in every 16 is left zero, so images hold zero pages too.
  * Usage: heapprog SIZE_MIB MODE [INTERVAL_MS]
  */
@@ -66,6 +68,13 @@ static void check(const uint64_t *h, size_t n, uint64_t *sum, size_t *bad)
 	*bad = b;
 }
 
+static double now(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static void sleep_ms(long ms)
 {
 	struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L };
@@ -109,7 +118,7 @@ int main(int argc, char **argv)
 				zero_bad += h[i] != 0;
 			fill(h, drop_from, drop_from + drop_len);
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu zero_bad=%zu\n", pass, sum, bad, zero_bad);
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu zero_bad=%zu t=%.6f\n", pass, sum, bad, zero_bad, now());
 		} else if (forking) {
 			pid_t c = fork();
 			if (c < 0) {
@@ -118,7 +127,7 @@ int main(int argc, char **argv)
 			}
 			if (c == 0) {
 				check(h, n, &sum, &bad);
-				printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=child\n", pass, sum, bad);
+				printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=child t=%.6f\n", pass, sum, bad, now());
 				memset(h, 0x5a, size / 4); /* must not reach the parent */
 				_exit(0);
 			}
@@ -126,10 +135,10 @@ int main(int argc, char **argv)
 			while (waitpid(c, &st, 0) < 0)
 				;
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=parent child_status=%d\n", pass, sum, bad, st);
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=parent child_status=%d t=%.6f\n", pass, sum, bad, st, now());
 		} else {
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu\n", pass, sum, bad);
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu t=%.6f\n", pass, sum, bad, now());
 		}
 		sleep_ms(interval);
 	}
