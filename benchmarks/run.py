@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import BenchError, GroupResult, Options, Ratio, Row
 
 #: Benchmark groups in run order; each is the module benchmarks/<name>.py.
-GROUPS = ["core", "remote"]
+GROUPS = ["core", "snapshot", "remote"]
 GROUPS.append("criu")  # benchmarks/criu.py: needs criu (scripts/install-criu.sh) and ip netns
 
 

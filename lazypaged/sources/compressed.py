@@ -101,6 +101,7 @@ class _SnapshotSourceBase(PageSource):
     def __init__(self, reader: SnapshotReader) -> None:
         self.reader = reader
         self.name = reader.name
+        self.path = reader.path
         self.size = reader.size
         self._region_offsets = [r.offset for r in reader.regions]
 
