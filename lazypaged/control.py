@@ -23,6 +23,7 @@ from . import __version__
 from . import control_protocol as cp
 from .monitor import Monitor
 from .sessions import SessionTable
+from .sources import PageSource
 from .unixsock import listen_unix
 
 #: Clients connected at once. Each costs a descriptor and a task; status
@@ -38,7 +39,7 @@ _READ = 65536
 def build_status(sessions: SessionTable, monitor: Monitor) -> cp.StatusReply:
     """What the daemon is doing now, from counters the sessions keep anyway."""
     out: list[cp.SessionStatus] = []
-    users: dict[str, tuple[str, int, int]] = {}
+    users: dict[str, tuple[PageSource, int]] = {}
     for s in sessions:
         st = s.stats
         rates = monitor.rates(s.id)
@@ -65,8 +66,8 @@ def build_status(sessions: SessionTable, monitor: Monitor) -> cp.StatusReply:
             )
         )
         for src in {id(r.source): r.source for r in s.regions}.values():
-            _, size, n = users.get(src.name, (_source_type(src), src.size, 0))
-            users[src.name] = (_source_type(src), size, n + 1)
+            n = users[src.name][1] + 1 if src.name in users else 1
+            users[src.name] = (src, n)
     daemon = cp.DaemonStatus(
         version=__version__,
         pid=os.getpid(),
@@ -75,8 +76,18 @@ def build_status(sessions: SessionTable, monitor: Monitor) -> cp.StatusReply:
         sessions_finished=sessions.finished,
         install_rate=max(0.0, monitor.total_install_rate()),
     )
-    sources = tuple(cp.SourceStatus(name, kind, size, n) for name, (kind, size, n) in sorted(users.items()))
+    sources = tuple(
+        cp.SourceStatus(name, _source_type(src), src.size, n, _link_count(src, "bytes_in_flight"),
+                        _link_count(src, "reconnects"))
+        for name, (src, n) in sorted(users.items())
+    )
     return cp.StatusReply(daemon, tuple(out), sources)
+
+
+def _link_count(src: PageSource, attr: str) -> int | None:
+    """A counter a networked source exposes (``bytes_in_flight``, ``reconnects``)."""
+    v = getattr(src, attr, None)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 def _source_type(src: object) -> str:

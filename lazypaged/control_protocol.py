@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, ClassVar, Final, TypeVar
 
 VERSION: Final = 1
@@ -138,18 +138,25 @@ class SessionStatus:
 
 @dataclass(frozen=True, slots=True)
 class SourceStatus:
-    """A page source in use: a snapshot file, later a peer link."""
+    """A page source in use: a snapshot file, or a remote peer's export."""
 
     name: str
     type: str
     size: int
     sessions: int
+    #: For sources behind a link (a remote peer): bytes requested and not yet
+    #: received, and reconnections so far. None where the source has no link.
+    bytes_in_flight: int | None = None
+    reconnects: int | None = None
 
     def __post_init__(self) -> None:
         _text("name", self.name)
         _text("type", self.type)
         _count("size", self.size)
         _count("sessions", self.sessions)
+        for name in ("bytes_in_flight", "reconnects"):
+            if getattr(self, name) is not None:
+                _count(name, getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +253,8 @@ def _record(cls: type[_R], where: str, m: object) -> _R:
     args: dict[str, Any] = {}
     for f in fields(cls):
         if f.name not in m:
+            if f.default is not MISSING:
+                continue
             raise RemoteProtocolError(f"{where} lacks {f.name!r}")
         v = m[f.name]
         if f.name == "sources" and cls is SessionStatus:

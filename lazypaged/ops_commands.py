@@ -162,10 +162,13 @@ def render(reply: cp.StatusReply) -> Group:
             _us(s.fault_p99_us), f"{_bytes(s.fill_rate)}/s", s.state,
         )
     sources = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("SOURCE", "TYPE", "SIZE", "SESSIONS"):
-        sources.add_column(col, justify="right" if col in ("SIZE", "SESSIONS") else "left")
+    linked = any(src.bytes_in_flight is not None for src in reply.sources)
+    for col in ("SOURCE", "TYPE", "SIZE", "SESSIONS", *(("IN FLIGHT", "RECONNECTS") if linked else ())):
+        sources.add_column(col, justify="left" if col in ("SOURCE", "TYPE") else "right")
     for src in reply.sources:
-        sources.add_row(src.name, src.type, _bytes(src.size), str(src.sessions))
+        link = (_bytes(src.bytes_in_flight) if src.bytes_in_flight is not None else "-",
+                str(src.reconnects) if src.reconnects is not None else "-") if linked else ()
+        sources.add_row(src.name, src.type, _bytes(src.size), str(src.sessions), *link)
     return Group(head, Text(""), sessions, Text(""), sources)
 
 

@@ -26,7 +26,8 @@ def _reply() -> cp.StatusReply:
     daemon = cp.DaemonStatus(version="0.1.0", pid=1, state="running", uptime_s=3, sessions_finished=2,
                              install_rate=0)
     return cp.StatusReply(daemon, (_session(), _session(id="def", pid=None, fault_p50_us=None, fault_p99_us=None)),
-                          (cp.SourceStatus("img", "raw image", 1 << 20, 2),))
+                          (cp.SourceStatus("img", "raw image", 1 << 20, 2),
+                           cp.SourceStatus("peer:vm.img", "remote", 1 << 30, 1, bytes_in_flight=65536, reconnects=2)))
 
 
 def test_request_bytes_are_exactly_documented() -> None:
@@ -54,6 +55,15 @@ def test_byte_by_byte_and_several_per_chunk() -> None:
     assert got == [cp.StatusRequest()] * 3 + [cp.ErrorReply("busy", "later")]
     assert d.pending == 0
     assert cp.LineDecoder(cp.MAX_REPLY_LINE).feed(wire) == got
+
+
+def test_optional_link_fields_may_be_absent() -> None:
+    doc = json.loads(cp.encode(_reply()))
+    del doc["sources"][0]["bytes_in_flight"], doc["sources"][0]["reconnects"]
+    (back,) = cp.LineDecoder(cp.MAX_REPLY_LINE).feed(json.dumps(doc).encode() + b"\n")
+    assert isinstance(back, cp.StatusReply)
+    assert back.sources[0].bytes_in_flight is None
+    assert back.sources[1].reconnects == 2
 
 
 def test_unknown_keys_are_ignored() -> None:
@@ -108,6 +118,7 @@ def _wire_with(path: tuple[str | int, ...], value: object) -> bytes:
         (("sessions",), {}),
         (("daemon", "pid"), None),
         (("sources", 0, "size"), "1M"),
+        (("sources", 1, "reconnects"), -1),
     ],
 )
 def test_wrong_field_types_are_refused(path: tuple[str | int, ...], value: object) -> None:

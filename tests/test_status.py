@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import signal
 import socket
 import stat
 import subprocess
@@ -63,7 +66,8 @@ def test_status_json_shows_the_session_and_its_progress(ops_daemon: OpsDaemon) -
         assert s["fault_p50_us"] <= s["fault_p99_us"]  # type: ignore[operator]
         assert doc["daemon"]["state"] == "running"  # type: ignore[index]
         assert doc["daemon"]["pid"] == ops_daemon.d.proc.pid  # type: ignore[index]
-        assert doc["sources"] == [{"name": "img", "type": "raw image", "size": SIZE, "sessions": 1}]
+        assert doc["sources"] == [{"name": "img", "type": "raw image", "size": SIZE, "sessions": 1,
+                                   "bytes_in_flight": None, "reconnects": None}]
     finally:
         assert t.release() == 0
     # Once the target is gone its session leaves the table.
@@ -141,3 +145,29 @@ def test_no_daemon_is_a_clear_failure() -> None:
     assert "daemon running" in out.stderr
     with pytest.raises(ControlError, match="cannot connect"):
         ControlClient("/nonexistent/control.sock")
+
+
+def test_watch_on_a_terminal_redraws_until_interrupted(ops_daemon: OpsDaemon) -> None:
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazypaged", "status", "--watch", "0.1", "--socket", str(ops_daemon.control)],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
+    )
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 20
+        while seen.count(b"no sessions") < 2 and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1)
+            if ready:
+                seen += os.read(master, 65536)
+        assert seen.count(b"no sessions") >= 2, seen  # drawn, then drawn again
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        os.close(master)
