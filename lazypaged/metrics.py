@@ -230,7 +230,12 @@ class MetricsServer:
         self.log = structlog.get_logger().bind(listener="metrics")
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accepted, self.host or None, self.port)
+        try:
+            self._server = await asyncio.start_server(self._accepted, self.host or None, self.port)
+        except OSError as e:
+            # Reported like a socket path in use: the daemon exits with a clear line.
+            raise FileExistsError(
+                f"cannot listen on {self.host or '*'}:{self.port} for metrics: {e.strerror or e}") from None
         bound = [s.getsockname() for s in self._server.sockets]
         if bound:
             self.port = bound[0][1]

@@ -5,12 +5,16 @@ from __future__ import annotations
 import http.client
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from lazypaged.config import Config, ConfigError, from_dict
 
 from .conftest import MiB
 from .ops_helpers import OpsDaemon, running_ops_daemon
@@ -145,11 +149,27 @@ def test_http_behaviour(ops_daemon: OpsDaemon) -> None:
     assert "lazypaged_faults_total" in str(scrape(port))
 
 
-def test_metrics_off_by_default() -> None:
-    from lazypaged.config import Config
-
+def test_metrics_off_by_default_and_address_checked() -> None:
     assert Config().metrics.enabled is False
-    assert Config().timeline.enabled is False
+    assert from_dict({"metrics": {"address": "[::1]:9100"}}).metrics.address == "[::1]:9100"
+    for bad in ("localhost", "::1:9100", "host:99999", "host:"):
+        with pytest.raises(ConfigError, match=r"metrics\.address"):
+            from_dict({"metrics": {"address": bad}})
+
+
+def test_address_in_use_is_a_clear_startup_failure(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f'[daemon]\nhandoff_socket = "{tmp_path / "h.sock"}"\nsnapshot_dirs = ["{tmp_path}"]\n'
+                       f'log_format = "json"\n[metrics]\nenabled = true\naddress = "127.0.0.1:{port}"\n')
+        r = subprocess.run([sys.executable, "-m", "lazypaged", "serve", "--config", str(cfg)],
+                           capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port} for metrics" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_sessions_add_up_and_scrape_cost(ops_daemon: OpsDaemon) -> None:

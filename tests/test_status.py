@@ -171,3 +171,14 @@ def test_watch_on_a_terminal_redraws_until_interrupted(ops_daemon: OpsDaemon) ->
         if proc.stderr is not None:
             proc.stderr.close()
         os.close(master)
+
+
+def test_control_settings() -> None:
+    from lazypaged.config import Config, from_dict
+    from lazypaged.operations import control_socket_path
+
+    assert control_socket_path(Config()) == Path("/run/lazypaged/control.sock")
+    cfg = from_dict({"daemon": {"handoff_socket": "/srv/x/h.sock"}, "control": {"socket_mode": "0600"}})
+    assert control_socket_path(cfg) == Path("/srv/x/control.sock")
+    assert cfg.control.socket_mode == 0o600
+    assert control_socket_path(from_dict({"control": {"socket": "/run/c.sock"}})) == Path("/run/c.sock")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazypaged.cli import main
+from lazypaged.config import Config, ConfigError, from_dict
 from lazypaged.timeline import interval_percentile_us, prune
 
 from .conftest import MiB
@@ -115,3 +116,11 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     assert (tmp_path / ".tmp-x.json").exists()
     prune(tmp_path, 0)
     assert len(list(tmp_path.glob("2*.json"))) == 4
+
+
+def test_timeline_settings_are_checked() -> None:
+    assert Config().timeline.enabled is False
+    assert from_dict({"timeline": {"directory": "/tmp/t", "interval": 1}}).timeline.interval == 1.0
+    for bad in ({"interval": 0}, {"interval": 120}, {"keep": -1}, {"directory": 3}):
+        with pytest.raises(ConfigError, match=r"timeline\."):
+            from_dict({"timeline": bad})
