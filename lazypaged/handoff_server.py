@@ -84,6 +84,7 @@ class HandoffServer:
         self.registry = registry
         self.sessions = sessions
         self.log = structlog.get_logger().bind(listener="handoff")
+        self._owns_path = False
         self._sock: socket.socket | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self._pending = 0
@@ -93,6 +94,9 @@ class HandoffServer:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on the configured path (or an inherited listening socket)."""
+        # A socket inherited from systemd belongs to its socket unit: its path
+        # must outlive the daemon, so only a socket we bound is unlinked.
+        self._owns_path = sock is None
         self._sock = sock or listen_unix(self.cfg.handoff_socket, self.cfg.socket_mode)
         self._sock.setblocking(False)
         self._resume_accepting()
@@ -109,8 +113,9 @@ class HandoffServer:
             asyncio.get_running_loop().remove_reader(sock.fileno())
             self._accepting = False
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.cfg.handoff_socket.unlink()
+        if self._owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                self.cfg.handoff_socket.unlink()
 
     async def close_connections(self) -> None:
         for t in list(self._conns):

@@ -273,9 +273,6 @@ def test_socket_activation_serves_a_restore(tmp_path: Path, socket_activate: str
     assert "Execing" in text  # systemd-socket-activate's own line: it really activated
 
 
-@pytest.mark.xfail(strict=True, reason="handoff_server unlinks the handoff socket path on shutdown even when the "
-                   "socket was inherited: under socket activation the .socket unit then listens on a path that "
-                   "no longer exists and no client can reach it until the unit restarts")
 def test_activated_socket_path_survives_the_daemon(tmp_path: Path, socket_activate: str) -> None:
     cfg = _config(tmp_path)
     handoff = tmp_path / "handoff.sock"
