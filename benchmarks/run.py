@@ -40,6 +40,7 @@ from benchmarks.common import BenchError, GroupResult, Options, Ratio, Row
 #: Benchmark groups in run order; each is the module benchmarks/<name>.py.
 GROUPS = ["core", "snapshot", "remote"]
 GROUPS.append("criu")  # benchmarks/criu.py: needs criu (scripts/install-criu.sh) and ip netns
+GROUPS.append("workingset")  # benchmarks/workingset.py: working-set record/replay, local and across a netns pair
 
 
 def _group(name: str) -> ModuleType:

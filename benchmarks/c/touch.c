@@ -222,3 +222,30 @@ void bench_fill_random(void *p, size_t len, uint64_t seed)
     for (size_t i = 0; i < len % 8; i++)
         tail[i] = (unsigned char)(x >> (8 * i));
 }
+
+/*
+ * A workload in the shape of a function invocation: touch pages pages[i]
+ * (an index, `page` bytes each) for i in [0, n) in that order, and between
+ * touches run `spin` rounds of dependent integer arithmetic (the "compute"
+ * of the handler). Returns the elapsed nanoseconds; *sink receives the
+ * arithmetic's result so the compiler cannot drop it.
+ */
+int64_t bench_touch_compute(char *base, const uint32_t *pages, size_t n, size_t page, unsigned spin, uint64_t *sink)
+{
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    uint64_t t0 = now_ns();
+    for (size_t i = 0; i < n; i++) {
+        char *p = base + (size_t)pages[i] * page;
+        touch(p);
+        x ^= (uint64_t)(unsigned char)*p;
+        for (unsigned k = 0; k < spin; k++) {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x *= 0x2545F4914F6CDD1Dull;
+        }
+    }
+    uint64_t t1 = now_ns();
+    *sink = x;
+    return (int64_t)(t1 - t0);
+}
