@@ -226,6 +226,8 @@ class Config:
     max_message_bytes: int = 1 << 20
     #: Seconds a client has to send its request after connecting.
     request_timeout: float = 10.0
+    #: Seconds an unused snapshot stays open for the next restore of it.
+    source_linger: float = 30.0
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     session: SessionConfig = field(default_factory=SessionConfig)

@@ -55,7 +55,7 @@ class Listener(Protocol):
 class Daemon:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.registry = SourceRegistry(cfg.snapshot_dirs, cfg.remote)
+        self.registry = SourceRegistry(cfg.snapshot_dirs, cfg.remote, linger=cfg.source_linger)
         self.sessions = SessionTable(self.registry)
         self.handoff = HandoffServer(cfg, self.registry, self.sessions)
         #: Started in this order after the handoff socket; stopped with it.
@@ -63,8 +63,6 @@ class Daemon:
         self.listeners: list[Listener] = []
         if cfg.firecracker.socket:
             self.listeners.append(FirecrackerServer(cfg, self.sessions))
-        #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
-        self.listeners += operator_listeners(self)
         if cfg.criu.enabled:
             from .criu.server import CriuListener
 
@@ -73,6 +71,8 @@ class Daemon:
             from .peer_server import ExportServer
 
             self.listeners.append(ExportServer(cfg.export, self.registry))
+        #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
+        self.listeners += operator_listeners(self)
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()

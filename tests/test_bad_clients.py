@@ -95,7 +95,9 @@ def _snapshot_fixtures(d: DaemonHandle) -> None:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
     """One daemon for the whole file: it must outlive every bad client."""
-    with running_daemon(tmp_path_factory.mktemp("bad"), f"request_timeout = {REQUEST_TIMEOUT}") as d:
+    # source_linger = 0: every descriptor a case opened must be gone after it.
+    extra = f"request_timeout = {REQUEST_TIMEOUT}\nsource_linger = 0"
+    with running_daemon(tmp_path_factory.mktemp("bad"), extra) as d:
         _snapshot_fixtures(d)
         yield d
     assert not d.alive()

@@ -55,6 +55,12 @@ class PageSource(ABC):
         peer) must put this ahead of every background fetch."""
         return await self.fetch(offset, length)
 
+    def data_address(self, offset: int, length: int) -> int:
+        """Address of [offset, offset+length) in our memory if it is plain data
+        there (no hole, nothing to decode), else 0: lets the fault path copy
+        straight from it. Zero bytes in it are then copied as data."""
+        return 0
+
     def address_of(self, offset: int, length: int) -> int:
         """Address where [offset, offset+length) lies contiguously in our memory
         (zeros included), or 0 if the source cannot say. Huge pages need one

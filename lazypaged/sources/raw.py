@@ -136,6 +136,16 @@ class RawImageSource(PageSource):
             pos = stop
         return out
 
+    def data_address(self, offset: int, length: int) -> int:
+        # No fstat here: the kernel reads these bytes (UFFDIO_COPY), and a file
+        # truncated under us makes the copy fail with EFAULT, never SIGBUS.
+        if not self._base or offset + length > self.size:
+            return 0
+        i = bisect.bisect_right(self._hole_starts, offset + length - 1) - 1
+        if i >= 0 and offset < self._hole_ends[i]:
+            return 0  # a hole overlaps: the extents path maps it as zeros
+        return self._base + offset
+
     def address_of(self, offset: int, length: int) -> int:
         self.check_range(offset, length)
         return self._base + offset if self._base else 0

@@ -4,7 +4,10 @@ Clients name snapshots relative to the configured snapshot directories. A
 name is resolved with every symlink followed and must land inside one of
 those directories: absolute paths, ``..`` and links that point outside are
 refused, so a client can only ever read what the operator put there.
-Opened sources are shared between sessions and closed with their last user.
+Opened sources are shared between sessions; after their last user they stay
+open for ``LINGER_S`` seconds, so restoring the same image again does not
+pay for opening it again (mapping it, finding its holes, checking its index).
+A file changed in the meantime (size or ctime) is opened anew.
 Names of the form ``peer://HOST:PORT/NAME`` are exports of another lazypaged,
 read over the network (sources/remote.py); they bypass the directory rules.
 
@@ -15,6 +18,7 @@ FIFO in a snapshot directory would otherwise block the daemon in open()).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import stat
@@ -37,10 +41,20 @@ class ForbiddenSource(SourceError):
     """The name points outside the snapshot directories."""
 
 
+#: Seconds an unused source stays open for the next restore of the same image.
+LINGER_S = 30.0
+
+_Key = tuple[int, int, int, int]
+
+
 class SourceRegistry:
-    def __init__(self, snapshot_dirs: tuple[Path, ...], remote: RemoteConfig | None = None) -> None:
+    def __init__(
+        self, snapshot_dirs: tuple[Path, ...], remote: RemoteConfig | None = None, linger: float = LINGER_S
+    ) -> None:
+        self._linger_s = linger
         self._dirs = [Path(os.path.realpath(d)) for d in snapshot_dirs]
-        self._open: dict[tuple[int, int], tuple[PageSource, int]] = {}
+        self._open: dict[_Key, tuple[PageSource, int]] = {}
+        self._idle: dict[_Key, asyncio.TimerHandle] = {}
         #: ``peer://HOST:PORT/NAME`` sources, shared per peer (sources/remote.py).
         self.peers = PeerPool(remote)
 
@@ -72,10 +86,13 @@ class SourceRegistry:
             st = path.stat()
         except OSError as e:
             raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
-        key = (st.st_dev, st.st_ino)
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
         if key in self._open:
             src, refs = self._open[key]
             self._open[key] = (src, refs + 1)
+            idle = self._idle.pop(key, None)
+            if idle is not None:
+                idle.cancel()
             return src
         try:
             src = open_source(path, name=name)
@@ -95,18 +112,36 @@ class SourceRegistry:
             return
         for key, (s, refs) in list(self._open.items()):
             if s is src:
+                self._open[key] = (s, refs - 1)
                 if refs <= 1:
-                    del self._open[key]
-                    s.close()
-                else:
-                    self._open[key] = (s, refs - 1)
+                    self._linger(key)
                 return
 
     @property
     def open_sources(self) -> list[PageSource]:
         return [s for s, _ in self._open.values()] + list(self.peers.open_sources)
 
+    def _linger(self, key: _Key) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._linger_s <= 0:
+            self._close_idle(key)
+            return
+        self._idle[key] = loop.call_later(self._linger_s, self._close_idle, key)
+
+    def _close_idle(self, key: _Key) -> None:
+        self._idle.pop(key, None)
+        entry = self._open.get(key)
+        if entry is not None and entry[1] <= 0:
+            del self._open[key]
+            entry[0].close()
+
     def close(self) -> None:
+        for handle in self._idle.values():
+            handle.cancel()
+        self._idle.clear()
         self.peers.close()
         for s, _ in self._open.values():
             s.close()
