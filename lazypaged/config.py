@@ -228,6 +228,9 @@ class Config:
     request_timeout: float = 10.0
     #: Seconds an unused snapshot stays open for the next restore of it.
     source_linger: float = 30.0
+    #: Session descriptions a restarted daemon resumes (docs/reliability.md);
+    #: empty: ``state/`` in the handoff socket's directory.
+    state_dir: str = ""
     log_format: str = "auto"  # auto | json | console
     log_level: str = "info"
     session: SessionConfig = field(default_factory=SessionConfig)

@@ -32,6 +32,7 @@ from typing import Protocol
 import structlog
 
 from . import log as logsetup
+from .adopt import Custody
 from .config import Config
 from .firecracker_server import FirecrackerServer
 from .handoff_server import HandoffServer
@@ -61,6 +62,8 @@ class Daemon:
         #: Started in this order after the handoff socket; stopped with it.
         #: Each optional listener is appended here when its config enables it.
         self.listeners: list[Listener] = []
+        #: First: it re-adopts sessions of a killed predecessor and saves new ones.
+        self.listeners.append(Custody(cfg, self.registry, self.sessions))
         if cfg.firecracker.socket:
             self.listeners.append(FirecrackerServer(cfg, self.sessions))
         if cfg.criu.enabled:

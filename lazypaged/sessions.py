@@ -30,10 +30,15 @@ class SessionTable:
         #: Called with each session as it leaves the table, its stats final
         #: (metrics totals, timelines). A hook must not raise.
         self.on_removed: list[Callable[[RestoreSession], None]] = []
+        #: Called with each session as it enters the table (custody: its
+        #: description is saved for a restarted daemon). A hook must not raise.
+        self.on_added: list[Callable[[RestoreSession], None]] = []
 
     def add(self, s: RestoreSession) -> None:
         self._live[s.id] = s
         s.on_released = self._released
+        for hook in self.on_added:
+            hook(s)
 
     def _released(self, s: RestoreSession) -> None:
         if self._live.pop(s.id, None) is not None:
