@@ -43,6 +43,9 @@ class WorkingSetConfig:
     enabled: bool = True
     #: Faults recorded during this many seconds after the handoff.
     record_seconds: float = 10.0
+    #: While recording, the fill waits until faults pause this long (pages
+    #: the fill installs never fault, so they would be missing from the record).
+    record_quiet: float = 0.2
     #: At most this many bytes of working set per image.
     max_bytes: int = 256 << 20
     #: Recording granule: one chunk of the image per first fault.

@@ -153,6 +153,10 @@ class RestoreSession:
         self._record_until = 0.0
         self._replay_sets: list[workingset.WorkingSet] = []
         self._replaying = False
+        self._holding_fill = False  # recording: the fill waits (see _record_gate)
+        self._last_fault = 0.0
+        #: (id(source), chunk) -> its recorded copy, for faults that overtake the replay.
+        self._ws_index: dict[tuple[int, int], tuple[workingset.WorkingSet, workingset.WsChunk]] = {}
         self._batch_lo = self._batch_hi = 0
         self._window = 0  # current fault-around window, bytes
         self._seq_next = -1
@@ -188,6 +192,9 @@ class RestoreSession:
         if plan and self.outcome is None:
             self._replaying = True
             self._spawn(self._replay(plan))
+        elif self._recorders and self._fill_enabled and self.outcome is None:
+            self._holding_fill = True
+            self._spawn(self._record_gate())
         elif not self._fill_paused:
             self.start_fill()
         try:
@@ -217,8 +224,8 @@ class RestoreSession:
     def start_fill(self) -> None:
         """Begin streaming the remaining pages (once; faults are served anyway)."""
         self._fill_paused = False
-        if self._replaying:
-            return  # the replay starts the fill when it is done
+        if self._replaying or self._holding_fill:
+            return  # the replay or the recording gate starts it when done
         if self._fill_enabled and not self._fill_started and self.outcome is None and self._loop is not None:
             self._fill_started = True
             self._spawn(self._fill())
@@ -381,7 +388,18 @@ class RestoreSession:
             st.pages_missing += 1
             self._seq_next = -1
             state = MISSING
-        if state == MISSING:
+        if state == MISSING and self._recorders and self._recording():
+            self._last_fault = time.monotonic()
+            i, j = self._record_window(r, i, m)
+            before = st.bytes_copied + st.bytes_zero
+            if r.source.synchronous:
+                self._install(r, i, j)
+            else:
+                for a, b in runs_of(r.bitmap, MISSING, i, j):
+                    r.bitmap[a:b] = b"\x02" * (b - a)
+                    self._spawn(self._fetch_install(r, a, b, fault=True))
+            st.bytes_fault += st.bytes_copied + st.bytes_zero - before
+        elif state == MISSING:
             page_addr = m.start + ((i - m.first) << r.shift)
             if self._fault_around:
                 if page_addr == self._seq_next:
@@ -396,14 +414,14 @@ class RestoreSession:
                 j = k
             self._seq_next = m.start + ((j - m.first) << r.shift)
             self._fill_region, self._fill_page = self._region_index[id(r)], j
-            if self._recorders:
-                self._record(r, i, j)
             if r.source.synchronous:
                 before = st.bytes_copied + st.bytes_zero
                 # Fast path: bytes that lie contiguously in our memory with no
                 # hole go straight into one copy (no extents, no zero scan).
                 src = r.source.data_address(r.offset + (i << r.shift), (j - i) << r.shift)
-                if src and r.page == PAGE:
+                if self._ws_index and self._install_from_ws(r, i):
+                    pass
+                elif src and r.page == PAGE:
                     try:
                         self._put(r, i, j, src, MISSING)
                     except SourceError as e:
@@ -818,6 +836,8 @@ class RestoreSession:
             self._replay_sets.append(ws)
             regions = [r for r in self.regions if r.source is src and r.page == PAGE]
             for c in ws.chunks:
+                if ws.has_data:
+                    self._ws_index[(id(src), c.index)] = (ws, c)
                 c0 = c.index * ws.granule
                 c1 = min(c0 + ws.granule, src.size)
                 for r in regions:
@@ -829,49 +849,116 @@ class RestoreSession:
             self._record_until = time.monotonic() + cfg.record_seconds
         return plan
 
-    def _record(self, r: Region, i: int, j: int) -> None:
+    def _recording(self) -> bool:
+        return bool(self._recorders) and time.monotonic() <= self._record_until
+
+    def _record_window(self, r: Region, i: int, m: Mapping) -> tuple[int, int]:
+        """While recording, a fault installs exactly the granule-aligned chunk
+        it falls in, and only that chunk is recorded: the record then holds
+        what the target used, chunk for chunk."""
+        g = self._ws_cfg.granule if self._ws_cfg else PAGE
+        chunk = (r.offset + (i << r.shift)) // g
+        a = max(m.first, (chunk * g - r.offset) >> r.shift)
+        b = min(m.last, ((chunk + 1) * g - r.offset) >> r.shift)
         rec = self._recorders.get(id(r.source))
-        if rec is None or time.monotonic() > self._record_until:
-            return
-        rec.note(r.offset + (i << r.shift), r.offset + (j << r.shift))
+        if rec is not None:
+            rec.note(chunk * g, chunk * g + 1)
+        return a, b
+
+    async def _record_gate(self) -> None:
+        """Hold the fill while the target is still faulting in its working set:
+        pages the fill installs never fault, so they would be missing from the
+        record. The fill starts once faults pause for ``record_quiet`` seconds
+        or the recording window ends."""
+        assert self._ws_cfg is not None
+        quiet = self._ws_cfg.record_quiet
+        try:
+            while self.outcome is None:
+                now = time.monotonic()
+                idle = now - max(self._last_fault, self.stats.started)
+                if idle >= quiet or now >= self._record_until:
+                    return
+                await asyncio.sleep(min(quiet - idle, self._record_until - now) + 0.001)
+        finally:
+            self._holding_fill = False
+            if not self._fill_paused and self.outcome is None:
+                self.start_fill()
+
+    def _install_from_ws(self, r: Region, i: int) -> bool:
+        """Serve a fault from the recorded copy of its chunk (read ahead,
+        sequential) instead of the image, if the record has it."""
+        ws_cfg = self._ws_cfg
+        if ws_cfg is None:
+            return False
+        g = ws_cfg.granule
+        off = r.offset + (i << r.shift)
+        hit = self._ws_index.get((id(r.source), off // g))
+        if hit is None:
+            return False
+        ws, c = hit
+        c0 = c.index * ws.granule
+        length = min(ws.granule, r.source.size - c0)
+        if not ws.verify(c, length):
+            return False
+        lo, hi = max(c0, r.offset), min(c0 + length, r.offset + (r.npages << r.shift))
+        a, b = (lo - r.offset) >> r.shift, (hi - r.offset) >> r.shift
+        self._put(r, a, b, c.address + (lo - c0) if c.address else 0, MISSING)
+        return True
 
     async def _replay(
         self, plan: list[tuple[Region, int, int, int, workingset.WorkingSet, workingset.WsChunk]]
     ) -> None:
         """Install the recorded working set in order, in batches, faults first."""
         t0 = time.monotonic()
-        installed = 0
+        st = self.stats
+        installed_before = st.bytes_copied + st.bytes_zero
         batch = 0
+        fetches: list[asyncio.Task[None]] = []
         try:
+            runs: list[tuple[Region, int, int]] = []  # order-only records: merged runs to fetch
             for r, i, j, skip, ws, c in plan:
                 if self.outcome is not None:
                     return
-                if r.bitmap.find(MISSING, i, j) == -1:
+                if not ws.has_data:
+                    if runs and runs[-1][0] is r and runs[-1][2] == i:
+                        runs[-1] = (r, runs[-1][1], j)
+                    else:
+                        runs.append((r, i, j))
                     continue
-                if not ws.has_data:  # order only: ask the source, all at once
-                    r.bitmap[i:j] = bytes(r.bitmap[i:j]).replace(b"\x00", b"\x02")
-                    self._spawn(self._fetch_install(r, i, j, fault=False))
+                self._on_readable()  # faults first
+                if r.bitmap.find(MISSING, i, j) == -1:
                     continue
                 length = min(ws.granule, r.source.size - c.index * ws.granule)
                 if not ws.verify(c, length):
                     self.log.warning("working_set_chunk_corrupt", path=str(ws.path), chunk=c.index)
+                    self._ws_index.pop((id(r.source), c.index), None)
                     continue  # faults and fill serve it from the source
-                before = self.stats.bytes_copied + self.stats.bytes_zero
+                before = st.bytes_copied + st.bytes_zero
                 self._put(r, i, j, c.address + skip if c.address else 0, MISSING, wake=False)
-                done = self.stats.bytes_copied + self.stats.bytes_zero - before
-                installed += done
-                batch += done
+                batch += st.bytes_copied + st.bytes_zero - before
                 if batch >= REPLAY_BATCH:
                     self._wake_batch()
                     batch = 0
                     self._check_complete()
-                    self._on_readable()  # faults first
                     await asyncio.sleep(0)
             self._wake_batch()
-            self.stats.bytes_fill += installed
+            # Order-only (remote) records: the whole set requested at once, so
+            # the source pipelines it; the fill waits until it has landed.
+            assert self._loop is not None
+            for r, i, j in runs:
+                for a, b in runs_of(r.bitmap, MISSING, i, j):
+                    r.bitmap[a:b] = b"\x02" * (b - a)
+                    fetches.append(self._loop.create_task(self._fetch_install(r, a, b, fault=False)))
+            if fetches:
+                await asyncio.gather(*fetches, return_exceptions=True)
+            installed = st.bytes_copied + st.bytes_zero - installed_before
+            if not fetches:
+                st.bytes_fill += installed
             self.log.info("working_set_replayed", bytes=installed, seconds=round(time.monotonic() - t0, 4))
             self._check_complete()
         finally:
+            for t in fetches:
+                t.cancel()
             self._wake_batch()
             self._replaying = False
             if not self._fill_paused and self.outcome is None:
@@ -896,7 +983,8 @@ class RestoreSession:
                 continue
             elapsed = min(self.stats.seconds, cfg.record_seconds)
             try:
-                n = await asyncio.to_thread(workingset.save, rec, path, elapsed)
+                copies = None if rec.src.synchronous else await _fetch_copies(rec)
+                n = await asyncio.to_thread(workingset.save, rec, path, elapsed, copies)
             except (OSError, SourceError) as e:
                 self.log.warning("working_set_not_saved", path=str(path), error=str(e))
                 continue
@@ -987,3 +1075,29 @@ class RestoreSession:
             "fault_p99_us": st.percentile_us(0.99),
             "seconds": round(st.seconds, 6),
         }
+
+
+async def _fetch_copies(rec: workingset.Recorder) -> dict[int, bytes]:
+    """The recorded chunks of an asynchronous (remote) source, fetched once
+    more so the record can hold them: a later replay then never waits on the
+    network for its working set."""
+    g, src = rec.granule, rec.src
+    out: dict[int, bytes] = {}
+
+    async def one(idx: int) -> None:
+        off = idx * g
+        n = min(g, src.size - off)
+        if n <= 0:
+            return
+        buf = bytearray(n)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        for e in await src.fetch(off, n):
+            if e.address:
+                ctypes.memmove(base + e.offset - off, e.address, e.length)
+        out[idx] = bytes(buf)
+
+    order = list(rec.order)
+    for k in range(0, len(order), 16):  # a window of requests in flight
+        await asyncio.gather(*(one(idx) for idx in order[k : k + 16]))
+    return out
+

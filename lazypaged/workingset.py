@@ -100,8 +100,10 @@ class Recorder:
             self.order.setdefault(idx, None)
 
 
-def save(rec: Recorder, path: Path, recorded_s: float) -> int:
-    """Write the record (with data for local sources); returns bytes written."""
+def save(rec: Recorder, path: Path, recorded_s: float, copies: dict[int, bytes] | None = None) -> int:
+    """Write the record; returns bytes written. Chunk data comes from the
+    source when it is local, else from ``copies`` (chunks fetched for it);
+    without either only the order is kept."""
     src, g = rec.src, rec.granule
     chunks: list[list[Any]] = []
     data = bytearray()
@@ -111,15 +113,21 @@ def save(rec: Recorder, path: Path, recorded_s: float) -> int:
         if n <= 0:
             continue
         if not src.synchronous:
-            chunks.append([idx, -1, b""])
-            continue
-        buf = bytearray(n)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        zero = True
-        for e in src.extents(off, n):
-            if e.address:
-                zero = False
-                ctypes.memmove(base + e.offset - off, e.address, e.length)
+            if copies is None:
+                chunks.append([idx, -1, b""])  # order only
+                continue
+            if idx not in copies:
+                continue  # its fetch failed: leave it to faults and fill
+            buf = bytearray(copies[idx])
+            zero = buf.count(0) == len(buf)
+        else:
+            buf = bytearray(n)
+            base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            zero = True
+            for e in src.extents(off, n):
+                if e.address:
+                    zero = False
+                    ctypes.memmove(base + e.offset - off, e.address, e.length)
         if zero:
             chunks.append([idx, -1, checksum(buf)])
             continue
@@ -133,7 +141,7 @@ def save(rec: Recorder, path: Path, recorded_s: float) -> int:
             "granule": g,
             "faults": rec.faults,
             "recorded_s": round(recorded_s, 3),
-            "data": src.synchronous,
+            "data": src.synchronous or copies is not None,
             "chunks": chunks,
             "created": time.time(),
         },
