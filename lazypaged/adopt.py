@@ -186,15 +186,19 @@ class Custody:
 
     async def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Hooks first: an adopted session is described (and parked) again
+        # under its new id, so a second crash finds it too.
+        self.sessions.on_added.append(self._added)
+        self.sessions.on_removed.append(self._removed)
         inherited = {name: fds for name, fds in fdstore.inherited().items() if name.startswith("uffd-")}
         for path in sorted(self.dir.glob("*.json")):
-            fds = inherited.pop(_fdname(path.stem), [])
-            self._adopt(path, fds)
+            name = _fdname(path.stem)
+            fds = inherited.pop(name, [])
+            if self._adopt(path, fds) and fds:
+                fdstore.remove(name)  # parked again under the new session's name
         for name, fds in inherited.items():
             self.log.error("orphan_uffd", fdname=name, reason="no session description in the state directory")
             self.orphans += fds
-        self.sessions.on_added.append(self._added)
-        self.sessions.on_removed.append(self._removed)
 
     def stop_accepting(self) -> None:
         pass
@@ -228,7 +232,7 @@ class Custody:
             fdstore.remove(_fdname(s.id))
 
     # -- adopting ---------------------------------------------------------------------
-    def _adopt(self, path: Path, fds: list[int]) -> None:
+    def _adopt(self, path: Path, fds: list[int]) -> bool:
         log = self.log.bind(session=path.stem)
         try:
             desc = Description.from_json(path.read_text())
@@ -236,7 +240,7 @@ class Custody:
             log.error("adoption_failed", reason=f"unreadable description: {e}")
             self.orphans += fds
             path.unlink(missing_ok=True)
-            return
+            return False
         log = log.bind(kind=desc.kind, pid=desc.pid)
         for extra in fds[1:]:
             self.orphans.append(extra)
@@ -250,7 +254,7 @@ class Custody:
                 if desc.target_fd < 0:
                     raise OSError(errno.EBADF, "the target holds no copy of its uffd and none was stored")
                 fd = pidfd_getfd(pidfd, desc.target_fd)
-            self._resume(desc, fd, pidfd, log)
+            self._resume(desc, fd, pidfd, from_store=bool(fds), log=log)
         except (OSError, ValueError, IndexError, Refused, SourceError) as e:
             log.error("adoption_failed", reason=str(e))
             if pidfd >= 0:
@@ -258,10 +262,11 @@ class Custody:
             if fd >= 0:
                 self.orphans.append(fd)  # never close a uffd we cannot serve
             path.unlink(missing_ok=True)
-            return
-        path.unlink(missing_ok=True)  # the new session writes its own
+            return False
+        path.unlink(missing_ok=True)  # the new session wrote its own
+        return True
 
-    def _resume(self, desc: Description, fd: int, pidfd: int, log: Any) -> None:
+    def _resume(self, desc: Description, fd: int, pidfd: int, *, from_store: bool, log: Any) -> None:
         features, _ = inspect_uffd(fd, desc.features, log)
         if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[userfaultfd]":
             raise Refused("bad_fd", "the adopted descriptor is not a userfaultfd")
@@ -305,7 +310,7 @@ class Custody:
             with contextlib.suppress(_uffd.UffdError):
                 session.uffd.wake(r.start, r.length)
         self.adopted += 1
-        log.info("session_adopted", session=sid, from_fdstore=desc.target_fd < 0 or None,
+        log.info("session_adopted", session=sid, from_fdstore=from_store,
                  ranges=len(mappings))
         task = asyncio.get_running_loop().create_task(session.run(), name=f"session-{sid}")
         self._tasks.add(task)

@@ -33,13 +33,15 @@ def main() -> int:
     ap.add_argument("--fill", action="store_true", help="let the first daemon fill too")
     ap.add_argument("--reconnect", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-keep", action="store_true", help="hand the uffd over and close our copy")
     args = ap.parse_args()
 
     size, npages = args.size, args.size // PAGE
     mem, addr = map_anonymous(size)
     opts = SessionOptions(fill=None if args.fill else False, working_set=False)
     try:
-        h = restore(args.socket, [RangeSpec(addr, size, args.name, 0)], options=opts, reconnect=args.reconnect)
+        h = restore(args.socket, [RangeSpec(addr, size, args.name, 0)], options=opts,
+                    keep_uffd=not args.no_keep, reconnect=0 if args.no_keep else args.reconnect)
     except HandoffError as e:
         print(json.dumps({"ok": False, "handoff_error": e.code, "message": e.message}), flush=True)
         return 2
@@ -66,11 +68,13 @@ def main() -> int:
     for t in ts:
         t.join()
     touched = time.perf_counter() - t0
-    try:
-        done = h.wait(timeout=120)
-        complete: object = {"pages": done.pages}
-    except (HandoffError, TimeoutError) as e:
-        complete = {"error": str(e)}
+    complete: object = None
+    if not args.no_keep:  # without a kept uffd the daemon that finishes is not the one we talked to
+        try:
+            done = h.wait(timeout=120)
+            complete = {"pages": done.pages}
+        except (HandoffError, TimeoutError) as e:
+            complete = {"error": str(e)}
     with open(args.image, "rb") as f:
         expected = f.read(size)
     got = mem[:]

@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +24,7 @@ import pytest
 
 from lazypaged.demo import make_image
 
-from .conftest import HERE, DaemonHandle, MiB, _needs_root, start_daemon, stop_daemon
+from .conftest import HERE, DaemonHandle, MiB, _needs_root, start_daemon, stop_daemon, wait_for_socket
 from .test_reliability_restart import restart
 
 FC_TARGET = HERE / "reliability_fc_target.py"
@@ -96,3 +98,104 @@ def test_adoption_without_a_uffd_is_logged_not_zero_filled(tmp_path: Path) -> No
         assert not (state / "gone.json").exists()
     finally:
         assert stop_daemon(d) == 0
+
+
+class FakeServiceManager:
+    """The part of systemd the fd store needs: a notify socket that keeps descriptors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.store: dict[str, int] = {}
+        self.messages: list[str] = []
+
+    def pump(self, timeout: float) -> None:
+        """Receive what arrives within ``timeout`` s, applying FDSTORE/FDSTOREREMOVE."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                msg, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
+                text = msg.decode()
+                self.messages.append(text)
+                fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+                if fields.get("FDSTORE") == "1" and fds:
+                    self.store[fields["FDNAME"]] = fds.pop()
+                if fields.get("FDSTOREREMOVE") == "1" and fields.get("FDNAME") in self.store:
+                    os.close(self.store.pop(fields["FDNAME"]))
+                for fd in fds:
+                    os.close(fd)
+                self.sock.settimeout(0.05)
+        except TimeoutError:
+            pass
+
+    def close(self) -> None:
+        for fd in self.store.values():
+            os.close(fd)
+        self.sock.close()
+
+
+def start_with_fds(d: DaemonHandle, notify: Path, store: dict[str, int]) -> None:
+    """Start a daemon as systemd would: the stored fds at 3.. with their names."""
+    names = list(store)
+    fds = [store[n] for n in names]
+    launcher = (
+        "import os, sys\n"
+        "fds = [int(x) for x in sys.argv[1].split(',') if x]\n"
+        "moved = [os.dup(fd) for fd in fds]\n"
+        "for i, fd in enumerate(moved):\n"
+        "    if fd != 3 + i:\n"
+        "        os.dup2(fd, 3 + i)\n"
+        "        os.close(fd)\n"
+        "    os.set_inheritable(3 + i, True)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)), LISTEN_FDNAMES=sys.argv[2])\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'lazypaged', 'serve', '--config', sys.argv[3]])\n"
+    )
+    with open(d.log, "ab") as lf:
+        d.proc = subprocess.Popen(
+            [sys.executable, "-c", launcher, ",".join(map(str, fds)), ":".join(names), str(d.config)],
+            stdout=lf, stderr=lf, pass_fds=fds, env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+        )
+    wait_for_socket(d.socket, d.proc)
+
+
+def test_fd_store_carries_a_uffd_only_the_daemon_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target closed its copy (keeps_uffd false): only the parked copy saves it."""
+    _needs_root()
+    notify = tmp_path / "notify.sock"
+    sm = FakeServiceManager(notify)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify))  # inherited by the daemon start_daemon runs
+    d = start_daemon(tmp_path, session_config="fill = false")
+    d.image("img", SIZE)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "reliability_target.py"), "--socket", str(d.socket), "--image",
+         str(d.snapshots / "img"), "--name", "img", "--size", str(SIZE), "--no-keep"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "accepted" in json.loads(proc.stdout.readline())
+        sm.pump(2.0)
+        assert any(m.startswith("READY=1") for m in sm.messages), sm.messages
+        assert len(sm.store) == 1, sm.messages
+        (name,) = sm.store
+        assert name.startswith("uffd-")
+        time.sleep(0.4)
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        start_with_fds(d, notify, sm.store)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+        assert json.loads(out.splitlines()[-1])["wrong_pages"] == 0
+        adopted = wait_log(d, "session_adopted")
+        assert adopted[0]["from_fdstore"] is True
+        wait_log(d, "session_ended")
+        sm.pump(1.0)
+        assert name not in sm.store, "the old name is dropped once adopted"
+        assert not sm.store, f"the finished session's uffd left the store: {sm.messages}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert stop_daemon(d) == 0
+        sm.close()
