@@ -48,15 +48,12 @@ class Region:
 class Mapping:
     """Pages [first, first + (end-start)/page) of ``region`` at [start, end)."""
 
-    __slots__ = ("end", "first", "region", "start")
+    __slots__ = ("end", "first", "last", "region", "start")
 
     def __init__(self, start: int, end: int, region: Region, first: int) -> None:
         self.start, self.end, self.region, self.first = start, end, region, first
-
-    @property
-    def last(self) -> int:
-        """One past the last page index of the region this mapping shows."""
-        return self.first + ((self.end - self.start) >> self.region.shift)
+        #: One past the last page index of the region this mapping shows.
+        self.last = first + ((end - start) >> region.shift)
 
 
 

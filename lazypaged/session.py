@@ -423,7 +423,7 @@ class RestoreSession:
                     pass
                 elif src and r.page == PAGE:
                     try:
-                        self._put(r, i, j, src, MISSING)
+                        self._put(r, i, j, src, MISSING, m=m)
                     except SourceError as e:
                         self._source_failed(r, i, j, e, MISSING)
                 else:
@@ -620,7 +620,9 @@ class RestoreSession:
             a = (e.offset - r.offset) >> r.shift
             self._put(r, a, a + (e.length >> r.shift), e.address, want)
 
-    def _put(self, r: Region, a: int, b: int, src: int, want: int, *, wake: bool = True) -> None:
+    def _put(
+        self, r: Region, a: int, b: int, src: int, want: int, *, wake: bool = True, m: Mapping | None = None
+    ) -> None:
         """Install pages [a, b) of ``r`` that are still in state ``want``.
 
         ``src`` is the daemon address of page ``a``'s bytes (0: zeros). Each
@@ -635,7 +637,8 @@ class RestoreSession:
                 while pos < b and bm[pos] != want:
                     pos += 1
                 continue
-            m = self._mapping_for_page(r, pos)
+            if m is None or not m.first <= pos < m.last:
+                m = self._mapping_for_page(r, pos)
             if m is None:  # no longer mapped anywhere: nothing to serve
                 bm[pos] = SETTLED
                 st.pages_missing -= 1
@@ -668,6 +671,7 @@ class RestoreSession:
                 uffd.wake(dst, done)
             except _uffd.Busy:
                 self._pump_events()
+                m = None  # events may have moved the mappings: look up afresh
                 continue
             except _uffd.RangeGone:
                 done = n  # the mapping went away under us
