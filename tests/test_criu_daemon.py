@@ -173,3 +173,34 @@ def test_records_queued_for_a_frozen_daemon_are_guarded(tmp_path: Path) -> None:
         daemon.stop()
     assert rc == -signal.SIGKILL, f"the target was not killed (status {rc}, output {out!r})"
     assert '"ok"' not in out
+
+
+def test_keeper_tells_a_live_address_space_from_a_gone_one() -> None:
+    """How a keeper that could not find a task knows when to stop holding it."""
+    import socket
+
+    from lazypaged.criu.keeper import _mm_alive
+    from lazypaged.uffd import Userfaultfd
+
+    with Userfaultfd.create() as mine:
+        mine.api(0)
+        assert _mm_alive(mine.fileno())
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # child: make a uffd, hand it over, exit
+        try:
+            u = Userfaultfd.create()
+            u.api(0)
+            socket.send_fds(b, [b"u"], [u.fileno()])
+        finally:
+            os._exit(0)
+    try:
+        _msg, fds, _flags, _addr = socket.recv_fds(a, 1, 1)
+        os.waitpid(pid, 0)
+        assert fds
+        assert not _mm_alive(fds[0])
+        for fd in fds:
+            os.close(fd)
+    finally:
+        a.close()
+        b.close()

@@ -109,15 +109,21 @@ def run(args: argparse.Namespace) -> int:
 
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_main(images, work, cfg.session, ps, args.status_fd, log, LazyPagesServer))
+        rc = loop.run_until_complete(_main(images, work, cfg.session, ps, args.status_fd, log, LazyPagesServer))
     except FileExistsError as e:
         log.error("cannot_listen", error=str(e))
         print(f"lazypaged criu-lazy-pages: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        rc = EXIT_FAIL
     finally:
         loop.close()
         if stream is not sys.stderr:
             stream.close()
+    # Everything is released; the daemon's exit is what tells the operator
+    # (and benchmarks) that the restore is complete, and interpreter teardown
+    # with all of lazypaged imported takes a fifth of a second: skip it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 async def _main(

@@ -36,6 +36,7 @@ never answers. It imports only the standard library and two small modules.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import signal
@@ -48,6 +49,8 @@ from typing import Any
 _MAX_FDS = 2
 #: Seconds the keeper keeps reading a restore connection after the daemon died.
 DRAIN_SECONDS = 2.0
+#: The last page below x86_64's 47-bit user address limit (see _mm_alive).
+_TOP_PAGE = (1 << 47) - 2 * 4096
 #: Seconds it waits for killed tasks to be gone before closing their uffds.
 KILL_WAIT_SECONDS = 2.0
 
@@ -165,6 +168,25 @@ def _drain(conn: int, restorer_pidfd: int | None, key: str) -> list[list[int]]:
     return out
 
 
+def _mm_alive(uffd: int) -> bool:
+    """Whether the address space behind a uffd still exists.
+
+    UFFDIO_UNREGISTER takes a reference on the mm first and fails with
+    ENOMEM once it is gone. It is asked about the topmost user page, which
+    no restored task has registered (its stack lies well below).
+    """
+    import fcntl
+
+    from ..uffd import abi
+
+    buf = bytearray(abi.UFFDIO_RANGE_STRUCT.pack(_TOP_PAGE, 4096))
+    try:
+        fcntl.ioctl(uffd, abi.UFFDIO_UNREGISTER, buf, True)
+    except OSError as e:
+        return e.errno != errno.ENOMEM
+    return True
+
+
 def _drain_listener(listener: int, key: str) -> list[tuple[str, list[int]]]:
     """Accept the restores still waiting in the backlog and drain each."""
     lsock = socket.socket(fileno=listener)
@@ -237,14 +259,14 @@ def _serve(fd: int) -> int:
         for f, _ev in poller.poll(100):
             waiting.discard(f)
             poller.unregister(f)
-    blocked = [what for what, fds in guarded if len(fds) == 1]
+    blocked = [(what, fds[0]) for what, fds in guarded if len(fds) == 1]
     if blocked:
-        # No way to kill these: hold their uffds for as long as we live, so
-        # the targets block (visible, killable) instead of reading zeros.
-        _say(f"daemon gone; cannot find the tasks of {', '.join(blocked)}: holding their memory blocked")
+        # No way to kill these: hold their uffds until their targets are
+        # gone, so they block (visible, killable) instead of reading zeros.
+        _say(f"daemon gone; cannot find the tasks of {', '.join(w for w, _ in blocked)}: holding them blocked")
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        while True:
-            signal.pause()
+        while any(_mm_alive(fd) for _, fd in blocked):
+            time.sleep(1.0)
     for _what, fds in guarded:
         for f in fds:
             if f >= 0:

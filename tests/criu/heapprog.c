@@ -2,7 +2,7 @@
  * A CRIU test program: fills a heap with a known pattern and keeps printing
  * a checksum of it, one line per pass:
  *
- *     pass=N sum=HEX bad=K [extra fields] t=SECONDS
+ *     pass=N sum=HEX bad=K [extra fields] t0=SECONDS t=SECONDS
  *
  * "bad" counts 8-byte words that differ from the pattern, so a wrong page
  * shows up even if the sum happened to match. Modes (argv[2]):
@@ -15,8 +15,9 @@
  *             MADV_DONTNEED, checks that it reads back as zeros
  *             (zero_bad=K), and writes the pattern into it again
  *
- * t is the wall-clock time (CLOCK_REALTIME: a restored time namespace shifts
- * the monotonic clocks, not this one) when the line was printed.
+ * t0 and t are the wall-clock times (CLOCK_REALTIME: a restored time
+ * namespace shifts the monotonic clocks, not this one) when the pass started
+ * and when its line was printed.
  * One page in every 16 is left zero, so images hold zero pages too.
  * Usage: heapprog SIZE_MIB MODE [INTERVAL_MS]
  */
@@ -108,6 +109,7 @@ int main(int argc, char **argv)
 	for (unsigned long pass = 0;; pass++) {
 		uint64_t sum;
 		size_t bad;
+		double t0 = now();
 		if (dropping) {
 			size_t zero_bad = 0;
 			if (madvise(h + drop_from, drop_len * 8, MADV_DONTNEED)) {
@@ -118,7 +120,7 @@ int main(int argc, char **argv)
 				zero_bad += h[i] != 0;
 			fill(h, drop_from, drop_from + drop_len);
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu zero_bad=%zu t=%.6f\n", pass, sum, bad, zero_bad, now());
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu zero_bad=%zu t0=%.6f t=%.6f\n", pass, sum, bad, zero_bad, t0, now());
 		} else if (forking) {
 			pid_t c = fork();
 			if (c < 0) {
@@ -127,7 +129,7 @@ int main(int argc, char **argv)
 			}
 			if (c == 0) {
 				check(h, n, &sum, &bad);
-				printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=child t=%.6f\n", pass, sum, bad, now());
+				printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=child t0=%.6f t=%.6f\n", pass, sum, bad, t0, now());
 				memset(h, 0x5a, size / 4); /* must not reach the parent */
 				_exit(0);
 			}
@@ -135,10 +137,10 @@ int main(int argc, char **argv)
 			while (waitpid(c, &st, 0) < 0)
 				;
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=parent child_status=%d t=%.6f\n", pass, sum, bad, st, now());
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=parent child_status=%d t0=%.6f t=%.6f\n", pass, sum, bad, st, t0, now());
 		} else {
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu t=%.6f\n", pass, sum, bad, now());
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu t0=%.6f t=%.6f\n", pass, sum, bad, t0, now());
 		}
 		sleep_ms(interval);
 	}
