@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .access import AccessConfig, AccessError
+
 
 class ConfigError(Exception):
     """The configuration file is unreadable or holds an invalid value."""
@@ -245,6 +247,7 @@ class Config:
     working_set: WorkingSetConfig = field(default_factory=WorkingSetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def validate(self) -> Config:
         page = os.sysconf("SC_PAGE_SIZE")
@@ -306,6 +309,11 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
 
 
 def _apply(obj: Any, table: dict[str, Any], section: str) -> Any:
+    if hasattr(type(obj), "from_table"):  # a section that parses itself (lists of ids, tables)
+        try:
+            return type(obj).from_table(table, section)
+        except AccessError as e:
+            raise ConfigError(str(e)) from None
     known = {f.name for f in fields(obj) if not is_dataclass(getattr(obj, f.name))}
     changes: dict[str, Any] = {}
     for key, value in table.items():

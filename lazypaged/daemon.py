@@ -32,11 +32,13 @@ from typing import Protocol
 import structlog
 
 from . import log as logsetup
+from .access import SocketOwner
 from .adopt import Custody
 from .config import Config
 from .firecracker_server import FirecrackerServer
 from .handoff_server import HandoffServer
 from .notify import notify
+from .operations import control_socket_path
 from .operations import listeners as operator_listeners
 from .sessions import SessionTable
 from .sources.registry import SourceRegistry
@@ -76,6 +78,8 @@ class Daemon:
             self.listeners.append(ExportServer(cfg.export, self.registry))
         #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
         self.listeners += operator_listeners(self)
+        if cfg.access.socket_group:  # after the control listener has made its socket
+            self.listeners.append(SocketOwner(control_socket_path(cfg), cfg.access.socket_group))
         self.log = structlog.get_logger()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()

@@ -38,6 +38,7 @@ import structlog
 
 from . import handoff_protocol as hp
 from . import uffd as _uffd
+from .access import AccessControl, client_of, own_socket
 from .config import Config
 from .received_uffd import Refused, inspect_uffd
 from .session import PAGE, Mapping, Region, RestoreSession
@@ -91,6 +92,9 @@ class HandoffServer:
         self._accepting = False
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = ACCEPT_RETRY_DELAY
+        #: Who may connect and restore what (lazypaged/access.py).
+        self.access = AccessControl(cfg.access, registry)
+        sessions.on_removed.append(lambda s: self.access.forget(s.id))
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on the configured path (or an inherited listening socket)."""
@@ -98,6 +102,8 @@ class HandoffServer:
         # must outlive the daemon, so only a socket we bound is unlinked.
         self._owns_path = sock is None
         self._sock = sock or listen_unix(self.cfg.handoff_socket, self.cfg.socket_mode)
+        if sock is None:
+            own_socket(self.cfg.handoff_socket, self.cfg.access.socket_group)
         self._sock.setblocking(False)
         self._resume_accepting()
         self.log.info("listening", path=str(self.cfg.handoff_socket))
@@ -211,7 +217,12 @@ class HandoffServer:
         try:
             fd = -1
             try:
+                # Checked once the request is read: refusing earlier would
+                # close on unread bytes, and the reset can eat the reply.
                 req, fd = await asyncio.wait_for(self._read_request(conn), self.cfg.request_timeout)
+                who = client_of(conn, cred)
+                self.access.admit(who)
+                self.access.check_request(who, req, self.sessions)
                 # Remote sources are contacted here, without blocking the loop;
                 # _start_session then finds them open.
                 warm = await self._open_remote(req)
@@ -221,6 +232,7 @@ class HandoffServer:
                     for src in warm:
                         self.registry.release(src)
                 fd = -1  # owned by the session now
+                self.access.note(session.id, who)
             finally:
                 if fd >= 0:
                     os.close(fd)
