@@ -58,7 +58,11 @@ def test_records_refuse_malformed_streams(stream: list[tuple[bytes, list[int]]],
         _feed_all(RecordReader(), stream)
 
 
-@given(st.lists(st.integers(min_value=-(1 << 31), max_value=(1 << 31) - 1).filter(lambda p: p != 0), max_size=8))
+#: Real pids stay below the kernel's pid_max limit (4194304), far under the end marker.
+_PIDS = st.integers(min_value=-(1 << 22), max_value=1 << 22).filter(lambda p: p != 0)
+
+
+@given(st.lists(_PIDS, max_size=8))
 def test_records_any_pids_any_split(pids: list[int]) -> None:
     r = RecordReader()
     got = []
@@ -67,7 +71,7 @@ def test_records_any_pids_any_split(pids: list[int]) -> None:
             ev = r.feed(bytes([b]), [])
             if ev is not None:
                 got.append(ev)
-        if p > 0 and p != RSTF:
+        if p > 0:
             got.append(r.feed(b"\0", [99]))
     assert got == [TaskRecord(p, 99 if p > 0 else None) for p in pids]
 

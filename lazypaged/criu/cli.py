@@ -161,4 +161,5 @@ async def _main(
             loop.remove_signal_handler(sig)
         server.stop_accepting()
         await server.close_connections()
+        log.debug("criu_lazy_pages_closed")
     return EXIT_OK if ok else EXIT_FAIL

@@ -100,11 +100,17 @@ class Keeper:
     def release(self, key: str) -> None:
         self._send(b"R", key, [])
 
-    def close(self) -> None:
-        """Close our end: the keeper kills what it still guards, then exits."""
+    def close(self, *, wait: bool = True) -> None:
+        """Close our end: the keeper kills what it still guards, then exits.
+
+        It reads every message sent before the close, so a caller about to
+        exit need not ``wait`` for it.
+        """
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+            if not wait:
+                return
             try:
                 self.proc.wait(timeout=DRAIN_SECONDS + KILL_WAIT_SECONDS + 5)
             except subprocess.TimeoutExpired:

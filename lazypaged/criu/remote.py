@@ -43,6 +43,49 @@ CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
 
 
+class _Buffer:
+    """Anonymous memory pages are received into; its address never changes."""
+
+    __slots__ = ("address", "cview", "map", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.map = mmap.mmap(-1, size)
+        self.cview = (ctypes.c_char * size).from_buffer(self.map)
+        self.address = ctypes.addressof(self.cview)
+
+
+class _Lease:
+    """A buffer lent to one reply; it goes back to the pool when the last
+    extent pointing into it is dropped (after the session installed it)."""
+
+    __slots__ = ("buf", "pool")
+
+    def __init__(self, buf: _Buffer, pool: _BufferPool) -> None:
+        self.buf, self.pool = buf, pool
+
+    def __del__(self) -> None:
+        self.pool.give_back(self.buf)
+
+
+class _BufferPool:
+    """Reuses receive buffers: fresh anonymous memory costs a page fault per
+    page on first write, which on a busy host competes with everything else."""
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size, self.keep = size, keep
+        self.free: list[_Buffer] = []
+
+    def lease(self, nbytes: int) -> _Lease:
+        if nbytes > self.size:
+            return _Lease(_Buffer(nbytes), self)
+        return _Lease(self.free.pop() if self.free else _Buffer(self.size), self)
+
+    def give_back(self, buf: _Buffer) -> None:
+        if buf.size == self.size and len(self.free) < self.keep:
+            self.free.append(buf)
+
+
 @dataclass
 class _Request:
     pid: int
@@ -71,7 +114,7 @@ class _Receiver(asyncio.BufferedProtocol):
         self._hdr = bytearray(32)
         self._want = 0
         self._got = 0
-        self._payload: mmap.mmap | None = None
+        self._payload: _Lease | None = None
         self._payload_req: tuple[ps.Pending, ps.Header] | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -81,7 +124,7 @@ class _Receiver(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._payload is not None:
-            return memoryview(self._payload)[self._got : self._want]
+            return memoryview(self._payload.buf.map)[self._got : self._want]
         want = self.client.parser.need() or len(self._hdr)
         self._want = want
         return memoryview(self._hdr)[self._got : want]
@@ -110,7 +153,7 @@ class _Receiver(asyncio.BufferedProtocol):
             return
         if parser.pending:
             req, h = parser.header(memoryview(self._hdr)[: parser.header_size])
-            self._payload = mmap.mmap(-1, h.nr_pages * PAGE)
+            self._payload = self.client.pool.lease(h.nr_pages * PAGE)
             self._payload_req = (req, h)
             self._want = h.nr_pages * PAGE
             return
@@ -148,6 +191,8 @@ class PageServerClient:
         self.parser = ps.ReplyParser(layout)
         self.bulk_window = bulk_window
         self.max_request_pages = max(1, max_request // PAGE)
+        #: Enough buffers for the bulk window plus faults in flight.
+        self.pool = _BufferPool(self.max_request_pages * PAGE, bulk_window // max(max_request, PAGE) + 16)
         self.log = log
         self.stats = _Stats()
         self._proto: _Receiver | None = None
@@ -235,14 +280,13 @@ class PageServerClient:
         self.stats.requests += 1
         return ps.encode_get(self.parser.layout, req.pid, req.vaddr, req.nr_pages)
 
-    def reply(self, pending: ps.Pending, h: ps.Header, buf: mmap.mmap) -> None:
+    def reply(self, pending: ps.Pending, h: ps.Header, lease: _Lease) -> None:
         req = self._sent.popleft()
         if not req.urgent:
             self._bulk_bytes -= req.nr_pages * PAGE
         self.stats.bytes_received += h.nr_pages * PAGE
-        cbuf = (ctypes.c_char * len(buf)).from_buffer(buf)
         if not req.future.done():
-            req.future.set_result((h.nr_pages, cbuf, ctypes.addressof(cbuf)))
+            req.future.set_result((h.nr_pages, lease, lease.buf.address))
         self._pump()
 
     # -- ending -------------------------------------------------------------------
@@ -278,6 +322,11 @@ class PageServerClient:
             self._close_ack = asyncio.get_running_loop().create_future()
             self.parser.sent_close()
             proto.transport.write(ps.encode_close(self.parser.layout))
+            # The server answers CLOSE and then waits for us to hang up; it
+            # may hold the answer back (corked) until then. Half-close now, so
+            # it sees both at once and the answer is not delayed.
+            if proto.transport.can_write_eof():
+                proto.transport.write_eof()
             try:
                 await asyncio.wait_for(asyncio.shield(self._close_ack), CLOSE_TIMEOUT)
                 ok = True

@@ -151,6 +151,7 @@ class RestoreRun:
         for s in list(self.sessions.values()):
             s.start_fill()
         await self._wait_sessions()
+        self.log.debug("criu_sessions_over")
         await self._finish()
         r = self.result
         r.ok = r.restore_finished and r.failed == 0 and not r.message
@@ -436,7 +437,7 @@ class LazyPagesServer:
         # The keeper first: closing it kills every target it still guards
         # (and waits for them to die); only then may our uffds be closed.
         if self.keeper is not None:
-            self.keeper.close()
+            self.keeper.close(wait=not self.once)
             self.keeper = None
         for run in list(self.runs):
             run.abort()
