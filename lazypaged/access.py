@@ -91,6 +91,10 @@ class AccessConfig:
     max_sessions_per_client: int = DEFAULT_MAX_SESSIONS_PER_CLIENT
     max_regions_per_session: int = DEFAULT_MAX_REGIONS_PER_SESSION
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES
+    #: Certificate identities (subject CN or a subjectAltName value) whose
+    #: TLS clients may read this daemon's exports; empty: any certificate the
+    #: export's CA signed.
+    peer_identities: tuple[str, ...] = ()
 
     @classmethod
     def from_table(cls, table: dict[str, Any], section: str) -> AccessConfig:
@@ -105,6 +109,11 @@ class AccessConfig:
                 out[key] = _ids(where, value)
             elif key == "tenants":
                 out[key] = tuple(_rule(f"{where}[{i}]", r) for i, r in enumerate(_list(where, value)))
+            elif key == "peer_identities":
+                names = _list(where, value)
+                if not all(isinstance(v, str) and v for v in names):
+                    raise AccessError(f"{where} must be a list of certificate names")
+                out[key] = tuple(names)
             elif key in ("socket_group", "unmatched"):
                 if not isinstance(value, str):
                     raise AccessError(f"{where} must be a string")
@@ -255,3 +264,10 @@ class SocketOwner:
 
     async def close_connections(self) -> None:
         pass
+
+
+def certificate_identities(cert: dict[str, Any]) -> set[str]:
+    """The names a verified peer certificate proves: subject CN and subjectAltName values."""
+    out = {str(v) for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"}
+    out |= {str(v) for _, v in cert.get("subjectAltName", ())}
+    return out

@@ -75,7 +75,7 @@ class Daemon:
         if cfg.export.listen:
             from .peer_server import ExportServer
 
-            self.listeners.append(ExportServer(cfg.export, self.registry))
+            self.listeners.append(ExportServer(cfg.export, self.registry, cfg.access.peer_identities))
         #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
         self.listeners += operator_listeners(self)
         if cfg.access.socket_group:  # after the control listener has made its socket

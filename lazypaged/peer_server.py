@@ -37,6 +37,7 @@ import structlog
 import zstandard
 
 from . import peer_protocol as pp
+from .access import certificate_identities
 from .config import ExportConfig
 from .peer_tls import server_context, split_host_port
 from .snapshot.format import checksum
@@ -102,8 +103,10 @@ def identity_of(source: PageSource) -> bytes:
 class ExportServer:
     """The ``[export]`` listener (one of ``Daemon.listeners``)."""
 
-    def __init__(self, cfg: ExportConfig, registry: SourceRegistry) -> None:
+    def __init__(self, cfg: ExportConfig, registry: SourceRegistry, allowed: tuple[str, ...] = ()) -> None:
         self.cfg = cfg
+        #: Certificate identities that may read (``[access] peer_identities``); empty: any the CA signed.
+        self.allowed = frozenset(allowed)
         self.registry = registry
         self.host, self.port = split_host_port(cfg.listen, any_port=True)
         self.log = structlog.get_logger().bind(listener="export")
@@ -298,6 +301,14 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         cert = transport.get_extra_info("peercert")
         if cert:
             self.log = self.log.bind(client=_subject(cert))
+        if self.server.allowed and not certificate_identities(cert or {}) & self.server.allowed:
+            who = sorted(certificate_identities(cert or {})) or "no certificate"
+            reason = f"certificate identity {who} not in access.peer_identities"
+            self.log.warning("peer_refused", code="auth", reason=reason)
+            self.conn.fatal(pp.ErrorCode.AUTH, "this certificate may not read these exports")
+            self._flush()
+            self.transport.close()
+            return
         self._flush()
 
     def get_buffer(self, sizehint: int) -> memoryview:
