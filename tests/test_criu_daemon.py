@@ -204,3 +204,49 @@ def test_keeper_tells_a_live_address_space_from_a_gone_one() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_serve_with_a_criu_section_serves_restore_after_restore(tmp_path: Path) -> None:
+    """The [criu] listener of ``lazypaged serve`` keeps accepting restores."""
+    images = tmp_path / "images"
+    images.mkdir()
+    cfg = tmp_path / "lazypaged.toml"
+    cfg.write_text(
+        f'[daemon]\nhandoff_socket = "{tmp_path / "handoff.sock"}"\nsnapshot_dirs = ["{tmp_path}"]\n'
+        f'log_format = "json"\nlog_level = "info"\nshutdown_grace = 5.0\n'
+        f'[criu]\nenabled = true\nimages_dir = "{images}"\n'
+    )
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as lf:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "lazypaged", "serve", "--config", str(cfg)], stdout=lf, stderr=lf
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while '"criu_listening"' not in log.read_text():
+            assert serve.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the [criu] listener never started"
+            time.sleep(0.02)
+        lazy = _images(tmp_path / "probe", 1)
+        for _ in range(2):
+            fake = Fake(images, "normal", lazy)
+            try:
+                _images(images, fake.pid)
+                fake.go()
+                assert fake.line() == {"ready": True}
+                result = fake.line()
+                assert result["ok"], result
+            finally:
+                fake.kill()
+        deadline = time.monotonic() + 20
+        while log.read_text().count('"criu_restore_done"') < 2:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=30) == 0, log.read_text()[-3000:]
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert not (images / "lazy-pages.socket").exists()
+    assert log.read_text().count('"ok": true') == 2
