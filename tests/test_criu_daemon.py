@@ -250,3 +250,55 @@ def test_serve_with_a_criu_section_serves_restore_after_restore(tmp_path: Path) 
             serve.wait()
     assert not (images / "lazy-pages.socket").exists()
     assert log.read_text().count('"ok": true') == 2
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["zstd", "raw"])
+def test_restore_served_from_a_snapshot_of_the_images(tmp_path: Path, raw: bool) -> None:
+    from lazypaged.criu.convert import create_from_criu
+    from lazypaged.snapshot.reader import SnapshotReader
+
+    snap = tmp_path / "criu.lzs"
+    images = tmp_path / "images"
+    images.mkdir()
+    lazy = _images(tmp_path / "probe", 1)
+    fake = Fake(images, "normal", lazy)
+    try:
+        _images(images, fake.pid)
+        st = create_from_criu(images, snap, raw=raw)
+        assert st.regions == 3
+        rd = SnapshotReader(snap)
+        try:
+            starts = [ADDR + 4 * PAGE, ADDR + 30 * PAGE, ADDR + 32 * PAGE]  # the VMAs split at page 32
+            assert [(r.name, r.start) for r in rd.regions] == [(f"{fake.pid}:{a:#x}", a) for a in starts]
+        finally:
+            rd.close()
+        pages = images / "pages-1.img"
+        pages.write_bytes(b"\xee" * pages.stat().st_size)  # so the bytes can only come from the snapshot
+        daemon = h.start_lazy_daemon("lazypaged", Path("criu"), images, extra=["--snapshot", str(snap)])
+        try:
+            fake.go()
+            assert fake.line() == {"ready": True}
+            result = fake.line()
+            assert result["ok"], result
+            assert daemon.wait(30) == 0, h.log_tail(daemon.log)
+        finally:
+            daemon.stop()
+    finally:
+        fake.kill()
+
+
+def test_snapshot_of_other_images_is_refused(tmp_path: Path) -> None:
+    from lazypaged.criu.convert import create_from_criu
+
+    other = tmp_path / "other"
+    _images(other, 12345)
+    snap = tmp_path / "other.lzs"
+    create_from_criu(other, snap)
+    fake, daemon = _start(tmp_path, "normal", extra=["--snapshot", str(snap)])
+    try:
+        fake.go()
+        assert daemon.wait(30) == 1
+    finally:
+        fake.kill()
+        daemon.stop()
+    assert "not made from these images" in daemon.log.read_text()

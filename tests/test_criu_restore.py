@@ -55,13 +55,19 @@ def _check_lines(lines: list[h.Line], expected: str) -> None:
 
 def _lazy_restore_local(
     criu: Path, heapprog: Path, tmp: Path, started: list[h.Program], mode: str, size_mib: int,
-    kind: str = "lazypaged",
+    kind: str = "lazypaged", snapshot: bool = False,
 ) -> tuple[h.Program, list[h.Line], int, list[h.Line]]:
     p = h.start_program(heapprog, tmp / "out.txt", size_mib, mode)
     started.append(p)
     images = tmp / "images"
     h.wait_dump(h.dump(criu, p.pid, images), images)
-    daemon = h.start_lazy_daemon(kind, criu, images)
+    extra = []
+    if snapshot:
+        from lazypaged.criu.convert import create_from_criu
+
+        create_from_criu(images, tmp / "criu.lzs", level=1)
+        extra = ["--snapshot", str(tmp / "criu.lzs")]
+    daemon = h.start_lazy_daemon(kind, criu, images, extra=extra)
     p.mark()
     r = h.restore(criu, images)
     try:
@@ -83,6 +89,16 @@ def test_local_lazy_restore(criu: Path, heapprog: Path, tmp_path: Path, program:
     log = (tmp_path / "images" / "lazypaged.log").read_text()
     assert '"criu_restore_finished"' in log
     assert '"outcome": "complete"' in log
+
+
+def test_local_lazy_restore_from_a_snapshot_of_the_dump(
+    criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]
+) -> None:
+    """The dump converted to a compressed, checksummed lazypaged snapshot
+    (``create_from_criu``) and the restore served from it."""
+    p, lines, _rc, after = _lazy_restore_local(criu, heapprog, tmp_path, program, "plain", 64, snapshot=True)
+    _check_lines(lines + after, p.expected)
+    assert '"sources": ["criu.lzs"]' in (tmp_path / "images" / "lazypaged.log").read_text()
 
 
 def test_restored_program_forks(criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]) -> None:

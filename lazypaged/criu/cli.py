@@ -51,6 +51,11 @@ def add_parser(sub: Any) -> None:
         default="auto",
         help="page-server header layout of the dumping criu (auto: from the pagemap images)",
     )
+    p.add_argument(
+        "--snapshot",
+        type=Path,
+        help="serve the lazy pages from a lazypaged snapshot of these images (see docs/criu.md) instead",
+    )
     p.add_argument("--status-fd", type=int, help="write one NUL byte to this fd once listening, then close it")
     p.add_argument("-o", "--log-file", help="log file (relative names are in the work dir; default stderr)")
     p.add_argument("--verbosity", type=int, default=2, help=argparse.SUPPRESS)
@@ -79,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.page_server and (not args.address or not args.port):
         print("lazypaged criu-lazy-pages: --page-server needs --address and --port", file=sys.stderr)
+        return EXIT_USAGE
+    if args.snapshot and args.page_server:
+        print("lazypaged criu-lazy-pages: --snapshot and --page-server exclude each other", file=sys.stderr)
         return EXIT_USAGE
     if (args.address or args.port) and not args.page_server:
         print("lazypaged criu-lazy-pages: --address/--port only make sense with --page-server", file=sys.stderr)
@@ -109,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
 
     loop = new_event_loop()
     try:
-        rc = loop.run_until_complete(_main(images, work, cfg.session, ps, args.status_fd, log, LazyPagesServer))
+        snap = args.snapshot.resolve() if args.snapshot else None
+        main = _main(images, work, cfg.session, ps, snap, args.status_fd, log, LazyPagesServer)
+        rc = loop.run_until_complete(main)
     except FileExistsError as e:
         log.error("cannot_listen", error=str(e))
         print(f"lazypaged criu-lazy-pages: {e}", file=sys.stderr)
@@ -127,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(
-    images: Path, work: Path, session_cfg: Any, ps: Any, status_fd: int | None, log: Any, server_cls: Any
+    images: Path, work: Path, session_cfg: Any, ps: Any, snapshot: Path | None, status_fd: int | None, log: Any,
+    server_cls: Any,
 ) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
@@ -143,7 +154,8 @@ async def _main(
             done.set_result(False)
 
     server = server_cls(
-        images, work, replace(session_cfg), table, page_server=ps, once=True, log=log, on_run_done=finished
+        images, work, replace(session_cfg), table, page_server=ps, snapshot=snapshot, once=True, log=log,
+        on_run_done=finished,
     )
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)

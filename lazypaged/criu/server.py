@@ -36,8 +36,10 @@ from ..config import CriuConfig, SessionConfig
 from ..session import Mapping, Region, RestoreSession
 from ..sessions import SessionTable
 from ..sources import PageSource, RawImageSource, SourceError
+from ..sources.open import open_source
 from ..unixsock import AncillaryTruncated, listen_unix, peer_cred, recv_fds
 from . import images as img
+from .convert import snapshot_offsets
 from .keeper import Keeper
 from .procs import find_child, find_task
 from .records import RecordError, RecordReader, RestoreFinished, TaskRecord
@@ -70,12 +72,13 @@ class RunResult:
     message: str = ""
 
 
-def task_mappings(task: img.TaskImage, source: PageSource) -> list[Mapping]:
+def task_mappings(task: img.TaskImage, source: PageSource, offsets: list[int] | None = None) -> list[Mapping]:
     """A mapping per lazy range: local sources are addressed by pages-file
-    offset, remote ones by dump-time address."""
+    offset, remote ones by dump-time address, snapshots by ``offsets``."""
     out = []
-    for r in task.lazy:
-        offset = r.start if r.offset is None else r.offset
+    for k, r in enumerate(task.lazy):
+        local = r.start if r.offset is None else r.offset
+        offset = offsets[k] if offsets is not None else local
         region = Region(source, offset, r.npages, name=f"criu:{task.pid}:{r.start:#x}")
         out.append(Mapping(r.start, r.end, region, 0))
     return out
@@ -91,10 +94,12 @@ class RestoreRun:
         table: SessionTable,
         *,
         page_server: PageServer | None = None,
+        snapshot: Path | None = None,
         keeper: Keeper | None = None,
         log: Any = None,
     ) -> None:
         self.images_dir = images_dir
+        self.snapshot = snapshot
         self.cfg = session_cfg
         self.table = table
         self.page_server = page_server
@@ -207,6 +212,7 @@ class RestoreRun:
         try:
             task = img.load_task(self.images_dir, rec.pid)
             source = self._source_for(task)
+            offsets = snapshot_offsets(source, task) if self.snapshot is not None else None
             os.set_blocking(fd, False)
             features = _fdinfo_features(fd)
         except BaseException:
@@ -216,7 +222,7 @@ class RestoreRun:
         sid = f"criu{self.number}-{rec.pid}"
         log = structlog.get_logger().bind(session=sid, kind="criu", pid=host_pid, image_pid=rec.pid)
         session = RestoreSession(
-            sid, _uffd.Userfaultfd(fd, features), task_mappings(task, source), self.cfg,
+            sid, _uffd.Userfaultfd(fd, features), task_mappings(task, source, offsets), self.cfg,
             kind="criu", pid=host_pid, pidfd=pidfd, log=log, host=self, fill_paused=True,
         )
         self.result.tasks += 1
@@ -226,6 +232,14 @@ class RestoreRun:
         self._start(session, pidfd)
 
     def _source_for(self, task: img.TaskImage) -> PageSource:
+        if self.snapshot is not None:
+            key = f"snapshot:{self.snapshot}"
+            if key not in self._sources:
+                try:
+                    self._sources[key] = open_source(self.snapshot, name=self.snapshot.name)
+                except (OSError, SourceError) as e:
+                    raise img.ImageError(f"{self.snapshot}: {e}") from None
+            return self._sources[key]
         if self._client is not None:
             key = f"remote:{task.pid}"
             if key not in self._sources:
@@ -362,6 +376,7 @@ class LazyPagesServer:
         table: SessionTable,
         *,
         page_server: PageServer | None = None,
+        snapshot: Path | None = None,
         once: bool = False,
         log: Any = None,
         on_run_done: Callable[[RunResult], None] | None = None,
@@ -371,6 +386,7 @@ class LazyPagesServer:
         self.session_cfg = session_cfg
         self.table = table
         self.page_server = page_server
+        self.snapshot = snapshot
         self.once = once
         self.log = log or structlog.get_logger()
         self.on_run_done = on_run_done
@@ -404,8 +420,8 @@ class LazyPagesServer:
 
     async def _serve(self, conn: socket.socket) -> None:
         run = RestoreRun(
-            self.images_dir, self.session_cfg, self.table, page_server=self.page_server, keeper=self.keeper,
-            log=self.log,
+            self.images_dir, self.session_cfg, self.table, page_server=self.page_server, snapshot=self.snapshot,
+            keeper=self.keeper, log=self.log,
         )
         self.runs.add(run)
         try:
