@@ -134,28 +134,38 @@ class Description:
         d = json.loads(text)
         d["ranges"] = tuple(RangeDesc(**r) for r in d["ranges"])
         desc = cls(**d)
-        if desc.kind not in ADOPTABLE_KINDS or desc.pid <= 0 or not desc.ranges:
+        if desc.kind not in ADOPTABLE_KINDS or desc.pid < 0 or not desc.ranges:
             raise ValueError(f"not a resumable session: kind {desc.kind!r}, pid {desc.pid}")
         return desc
 
 
 def describe(s: RestoreSession) -> Description | None:
-    """What a restarted daemon needs to resume ``s`` (None: nothing it could do)."""
-    if s.kind not in ADOPTABLE_KINDS or not s.pid or s.uffd.closed:
+    """What a restarted daemon needs to resume ``s`` (None: nothing it could do).
+
+    A forked child's session has no pid (the fork event does not name the
+    child): it is described with pid 0 and can come back from the fd store
+    only; without one, its uffd dies with the daemon (docs/reliability.md).
+    """
+    if s.kind not in ADOPTABLE_KINDS or s.uffd.closed:
         return None
     if s.kind == "native" and s.keeps_uffd:
         return None  # its client re-hands it
+    if not s.pid:
+        return _describe(s, 0, 0, -1)
     try:
         st = start_time(s.pid)
     except (OSError, ValueError, IndexError):
         return None
+    return _describe(s, s.pid, st, find_fd_in(s.pid, s.uffd.fileno()))
+
+
+def _describe(s: RestoreSession, pid: int, st: int, target_fd: int) -> Description:
     ranges = tuple(
         RangeDesc(m.start, m.end - m.start, m.region.source.name, m.region.offset + (m.first << m.region.shift),
                   m.region.page)
         for m in s.mappings
     )
-    return Description(s.id, s.kind, s.pid, st, find_fd_in(s.pid, s.uffd.fileno()), s.uffd.features,
-                       s.failure_policy, ranges)
+    return Description(s.id, s.kind, pid, st, target_fd, s.uffd.features, s.failure_policy, ranges)
 
 
 def state_path(cfg: Config) -> Path:
@@ -247,14 +257,17 @@ class Custody:
         fd = fds[0] if fds else -1
         pidfd = -1
         try:
-            pidfd = os.pidfd_open(desc.pid)
-            if start_time(desc.pid) != desc.start_time:
-                raise ProcessLookupError(errno.ESRCH, "the pid now names another process")
+            if desc.pid == 0 and fd < 0:
+                raise OSError(errno.EBADF, "a forked child's uffd comes back only from the fd store")
+            if desc.pid:
+                pidfd = os.pidfd_open(desc.pid)
+                if start_time(desc.pid) != desc.start_time:
+                    raise ProcessLookupError(errno.ESRCH, "the pid now names another process")
             if fd < 0:
                 if desc.target_fd < 0:
                     raise OSError(errno.EBADF, "the target holds no copy of its uffd and none was stored")
                 fd = pidfd_getfd(pidfd, desc.target_fd)
-            self._resume(desc, fd, pidfd, from_store=bool(fds), log=log)
+            self._resume(desc, fd, pidfd if pidfd >= 0 else None, from_store=bool(fds), log=log)
         except (OSError, ValueError, IndexError, Refused, SourceError) as e:
             log.error("adoption_failed", reason=str(e))
             if pidfd >= 0:
@@ -266,7 +279,7 @@ class Custody:
         path.unlink(missing_ok=True)  # the new session wrote its own
         return True
 
-    def _resume(self, desc: Description, fd: int, pidfd: int, *, from_store: bool, log: Any) -> None:
+    def _resume(self, desc: Description, fd: int, pidfd: int | None, *, from_store: bool, log: Any) -> None:
         features, _ = inspect_uffd(fd, desc.features, log)
         if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[userfaultfd]":
             raise Refused("bad_fd", "the adopted descriptor is not a userfaultfd")
@@ -291,7 +304,7 @@ class Custody:
             mappings,
             self.cfg.session,
             kind=desc.kind,
-            pid=desc.pid,
+            pid=desc.pid or None,
             pidfd=pidfd,
             fill=True,  # finds what is present already (EEXIST)
             failure_policy=desc.failure_policy,

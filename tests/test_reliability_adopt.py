@@ -199,3 +199,43 @@ def test_fd_store_carries_a_uffd_only_the_daemon_held(tmp_path: Path, monkeypatc
             proc.communicate()
         assert stop_daemon(d) == 0
         sm.close()
+
+
+def test_fd_store_carries_a_forked_childs_uffd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's uffd exists only in the daemon (the fork event brought it):
+    parked in the store, it comes back; the parent re-hands its own."""
+    _needs_root()
+    notify = tmp_path / "notify.sock"
+    sm = FakeServiceManager(notify)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify))
+    d = start_daemon(tmp_path, session_config="fill = false")
+    d.image("img", SIZE)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "reliability_fork_target.py"), "--socket", str(d.socket), "--image",
+         str(d.snapshots / "img"), "--name", "img", "--size", str(SIZE), "--pause", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "accepted" in json.loads(proc.stdout.readline())
+        assert "child" in json.loads(proc.stdout.readline())
+        wait_log(d, "target_forked")
+        sm.pump(1.0)
+        assert len(sm.store) == 1, f"only the child's uffd is parked (the parent keeps its own): {sm.messages}"
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        start_with_fds(d, notify, sm.store)
+        out, err = proc.communicate(timeout=60)
+        results = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        done = {k: r for r in results for k in ("child_done", "parent_done") if k in r}
+        assert done["child_done"]["wrong_pages"] == 0, (out, err)
+        assert done["parent_done"]["wrong_pages"] == 0, (out, err)
+        assert proc.returncode == 0, (out, err)
+        adopted = wait_log(d, "session_adopted")
+        assert adopted[0]["from_fdstore"] is True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert stop_daemon(d) == 0
+        sm.close()
