@@ -77,6 +77,8 @@ FILL_INFLIGHT = 4
 FILL_SLICE = 0.002
 #: Bytes of working set installed without waking, then one UFFDIO_WAKE.
 REPLAY_BATCH = 4 << 20
+#: With both negotiated, every move or unmap of a range is announced by an event.
+_LAYOUT_EVENTS = abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_UNMAP
 #: ``_put`` source address meaning "poison these pages" (failure policy sigbus).
 POISON = -1
 #: Retry delays while a source fails under the ``wait`` policy.
@@ -155,6 +157,7 @@ class RestoreSession:
         self._replaying = False
         self._holding_fill = False  # recording: the fill waits (see _record_gate)
         self._last_fault = 0.0
+        self._events_applied = 0  # layout events applied so far (see _put)
         #: (id(source), chunk) -> its recorded copy, for faults that overtake the replay.
         self._ws_index: dict[tuple[int, int], tuple[workingset.WorkingSet, workingset.WsChunk]] = {}
         self._batch_lo = self._batch_hi = 0
@@ -446,14 +449,23 @@ class RestoreSession:
         self._put_zero(page, PAGE, zeropage=True)
 
     def _zero_removed(self, r: Region, i: int) -> bool:
-        for n, (a, b) in enumerate(r.removed):
+        """Serve a page the target dropped: zeros for its whole dropped run.
+
+        The run stays remembered until every piece of it went in: a piece
+        that found no mapping (moved by an mremap whose event is still
+        pending) must still read as zeros when it is touched at its new place.
+        """
+        for a, b in r.removed:
             if a <= i < b:
-                del r.removed[n]
-                for m in self._mappings_of(r):
-                    lo, hi = max(a, m.first), min(b, m.last)
-                    if lo < hi:
-                        start = m.start + ((lo - m.first) << r.shift)
-                        self._put_zero(start, (hi - lo) << r.shift, zeropage=r.zeropage)
+                gen = self._events_applied
+                done = all(
+                    self._put_zero(m.start + ((lo - m.first) << r.shift), (hi - lo) << r.shift, zeropage=r.zeropage)
+                    for m in list(self._mappings_of(r))
+                    for lo, hi in [(max(a, m.first), min(b, m.last))]
+                    if lo < hi
+                )
+                if done and gen == self._events_applied:
+                    r.removed = subtract(r.removed, a, b)
                 return True
         return False
 
@@ -674,7 +686,19 @@ class RestoreSession:
                 m = None  # events may have moved the mappings: look up afresh
                 continue
             except _uffd.RangeGone:
-                done = n  # the mapping went away under us
+                # ENOENT: no registered mapping at dst. The kernel looks the
+                # mapping up before it checks for pending layout events, so
+                # this also happens while an mremap moved the range and its
+                # REMAP event is not read yet: those pages are still missing
+                # at the new place and must not be counted as served.
+                seen = self._events_applied
+                self._pump_events()
+                if self._events_applied != seen:
+                    m = None  # the layout changed: look the pages up afresh
+                    continue
+                if self.uffd.features & _LAYOUT_EVENTS == _LAYOUT_EVENTS:
+                    return  # the REMAP or UNMAP event will say; leave them missing
+                done = n  # no events negotiated: the range is simply gone
             except _uffd.UffdError as e:
                 if e.errno == errno.EFAULT and src > 0:
                     # Our side of the copy is unreadable: the source's memory
@@ -701,7 +725,8 @@ class RestoreSession:
         self.stats.bytes_zero += done
         return done
 
-    def _put_zero(self, addr: int, length: int, *, zeropage: bool) -> None:
+    def _put_zero(self, addr: int, length: int, *, zeropage: bool) -> bool:
+        """Zeros into [addr, addr+length); False if the range was not there."""
         end = addr + length
         while addr < end:
             try:
@@ -713,11 +738,12 @@ class RestoreSession:
             except _uffd.AlreadyPresent:
                 done = PAGE
             except _uffd.RangeGone:
-                return
+                return False
             except _uffd.Busy:
                 self._pump_events()
                 continue
             addr += done
+        return True
 
     # -- address-space events ---------------------------------------------------
     def _event(self, ev: _uffd.Event) -> None:
@@ -732,6 +758,7 @@ class RestoreSession:
             self._fork(ev.uffd)
         else:  # PageFault never reaches here
             raise SessionFailed("unsupported_event", f"unexpected userfaultfd event {ev!r}")
+        self._events_applied += 1
 
     def _settle(self, start: int, end: int, *, removed: bool) -> None:
         """Pages in [start, end) need nothing more from the source."""

@@ -84,6 +84,8 @@ def _config(tmp: Path, extra: str = "") -> Path:
     cfg.write_text(
         f'[daemon]\nhandoff_socket = "{tmp / "handoff.sock"}"\nsnapshot_dirs = ["{snaps}"]\n'
         f'log_format = "json"\nshutdown_grace = 5.0\n{extra}\n'
+        # Fault counts below assume plain fault-around (no working-set recording).
+        "[working_set]\nenabled = false\n"
     )
     return cfg
 
