@@ -48,6 +48,8 @@ from .remote import PageServerClient, RemoteTaskSource
 SOCKET_NAME = "lazy-pages.socket"
 _SUN_PATH_MAX = 107
 _run_numbers = itertools.count(1)
+#: Outcomes of finished restores kept by a long-running listener.
+_KEEP_RESULTS = 32
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,7 @@ class LazyPagesServer:
         finally:
             self.runs.discard(run)
         self.results.append(result)
+        del self.results[:-_KEEP_RESULTS]
         if self.on_run_done is not None:
             self.on_run_done(result)
 

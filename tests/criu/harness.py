@@ -390,15 +390,50 @@ def netns_pair(tag: str) -> Iterator[NetnsPair]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
 
 
+_PIPE_MAX = Path("/proc/sys/fs/pipe-max-size")
+#: Holds the value to put back; every user of :func:`pipe_max_size` keeps a
+#: shared lock on it while inside. Updates happen under an exclusive lock on
+#: the ".update" file, so they never wait for another user's whole run.
+_PIPE_MAX_LOCK = Path("/tmp/lazypaged-criu-pipe-max-size.lock")
+
+
 @contextlib.contextmanager
 def pipe_max_size(at_least: int = PIPE_MAX_NEEDED) -> Iterator[None]:
-    path = Path("/proc/sys/fs/pipe-max-size")
-    old = int(path.read_text())
-    if old >= at_least:
-        yield
-        return
-    path.write_text(str(at_least))
+    """Raise fs.pipe-max-size while inside; the last user to leave puts the
+    original value back, so concurrent runs on one machine do not lower it
+    under each other's dumps."""
+    import fcntl
+
+    upd = os.open(f"{_PIPE_MAX_LOCK}.update", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(_PIPE_MAX_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        yield
+        fcntl.flock(upd, fcntl.LOCK_EX)
+        try:
+            if not os.pread(fd, 64, 0).strip():
+                os.pwrite(fd, f"{int(_PIPE_MAX.read_text())}\n".encode(), 0)
+            if int(_PIPE_MAX.read_text()) < at_least:
+                _PIPE_MAX.write_text(str(at_least))
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(upd, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(upd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass  # others still need it raised; the last one puts it back
+                else:
+                    original = os.pread(fd, 64, 0).strip()
+                    if original:
+                        _PIPE_MAX.write_text(original.decode())
+                    os.ftruncate(fd, 0)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                fcntl.flock(upd, fcntl.LOCK_UN)
     finally:
-        path.write_text(str(old))
+        os.close(fd)
+        os.close(upd)
