@@ -266,7 +266,11 @@ class RestoreRun:
         def on_released(x: RestoreSession) -> None:
             if released is not None:
                 released(x)
-            if self.keeper is not None:
+            # Only a finished restore or a gone target lets the keeper go: a
+            # session abandoned at shutdown, or failed, may still have a live
+            # target, which the keeper kills when the daemon leaves.
+            done = x.outcome is not None and x.outcome.state in ("complete", "target_exited")
+            if self.keeper is not None and done:
                 self.keeper.release(x.id)
 
         s.on_released = on_released
