@@ -9,6 +9,7 @@ word, that the daemon exits 0, and that the process keeps running after it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -99,6 +100,18 @@ def test_local_lazy_restore_from_a_snapshot_of_the_dump(
     p, lines, _rc, after = _lazy_restore_local(criu, heapprog, tmp_path, program, "plain", 64, snapshot=True)
     _check_lines(lines + after, p.expected)
     assert '"sources": ["criu.lzs"]' in (tmp_path / "images" / "lazypaged.log").read_text()
+
+
+def test_process_tree_with_a_zombie(criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]) -> None:
+    """Three tasks dumped: the program, a worker sharing part of its heap
+    copy-on-write, and a zombie. Restore sends two task records and one
+    zombie record; both live tasks get their memory back."""
+    p, lines, _rc, after = _lazy_restore_local(criu, heapprog, tmp_path, program, "tree", 64)
+    _check_lines(lines + after, p.expected)
+    assert {ln.extra.get("who") for ln in lines + after} == {"parent", "worker"}
+    log = [json.loads(x) for x in (tmp_path / "images" / "lazypaged.log").read_text().splitlines()]
+    done = next(x for x in log if x["event"] == "criu_restore_done")
+    assert (done["tasks"], done["zombies"], done["complete"]) == (2, 1, 2)
 
 
 def test_restored_program_forks(criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]) -> None:

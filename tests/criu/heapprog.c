@@ -14,6 +14,11 @@
  *   dontneed  each pass first drops one stretch of the heap with
  *             MADV_DONTNEED, checks that it reads back as zeros
  *             (zero_bad=K), and writes the pattern into it again
+ *   tree      before the first pass, forks a zombie (a child that exits and
+ *             is never reaped) and a worker that runs plain passes on its
+ *             copy of the heap (lines tagged who=worker), with its upper
+ *             half rewritten so the two copies differ there and the dump
+ *             holds pages of both tasks
  *
  * t0 and t are the wall-clock times (CLOCK_REALTIME: a restored time
  * namespace shifts the monotonic clocks, not this one) when the pass started
@@ -116,8 +121,8 @@ int main(int argc, char **argv)
 	size_t size = strtoull(argv[1], NULL, 10) << 20;
 	const char *mode = argv[2];
 	long interval = argc > 3 ? atol(argv[3]) : 100;
-	int forking = !strcmp(mode, "fork"), dropping = !strcmp(mode, "dontneed");
-	if (!forking && !dropping && strcmp(mode, "plain")) {
+	int forking = !strcmp(mode, "fork"), dropping = !strcmp(mode, "dontneed"), tree = !strcmp(mode, "tree");
+	if (!forking && !dropping && !tree && strcmp(mode, "plain")) {
 		fprintf(stderr, "unknown mode %s\n", mode);
 		return 2;
 	}
@@ -129,6 +134,23 @@ int main(int argc, char **argv)
 	size_t n = size / 8;
 	fill(h, 0, n);
 	setvbuf(stdout, NULL, _IOLBF, 0);
+	const char *who = "";
+	if (tree) {
+		if (fork() == 0)
+			_exit(0); /* the zombie: never reaped */
+		pid_t w = fork();
+		if (w < 0) {
+			perror("fork");
+			return 1;
+		}
+		if (w == 0) {
+			who = " who=worker";
+			/* rewrite the upper half with the same pattern: private copies */
+			fill(h, n / 2, n);
+		} else {
+			who = " who=parent";
+		}
+	}
 	/* the stretch dropped in dontneed mode: 1/8 of the heap from its 3/8 mark */
 	size_t drop_from = (n / 8 * 3) & ~(PAGE / 8 - 1), drop_len = (n / 8) & ~(PAGE / 8 - 1);
 	for (unsigned long pass = 0;; pass++) {
@@ -165,7 +187,7 @@ int main(int argc, char **argv)
 			printf("pass=%lu sum=%016" PRIx64 " bad=%zu who=parent child_status=%d t0=%.6f t=%.6f\n", pass, sum, bad, st, t0, now());
 		} else {
 			check(h, n, &sum, &bad);
-			printf("pass=%lu sum=%016" PRIx64 " bad=%zu t0=%.6f t=%.6f\n", pass, sum, bad, t0, now());
+			printf("pass=%lu sum=%016" PRIx64 " bad=%zu%s t0=%.6f t=%.6f\n", pass, sum, bad, who, t0, now());
 		}
 		idle(interval);
 	}
