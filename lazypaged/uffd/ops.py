@@ -11,6 +11,7 @@ count is still readable after an error.
 from __future__ import annotations
 
 import fcntl
+import struct
 
 from . import abi
 from .errors import UffdError, from_errno, from_errno_setup
@@ -84,25 +85,24 @@ def copy(fd: int, buf: bytearray, dst: int, src: int, length: int, mode: int) ->
 
 def zeropage(fd: int, buf: bytearray, start: int, length: int, mode: int) -> int:
     """UFFDIO_ZEROPAGE: like :func:`copy`, mapping the zero page instead."""
-    _zero.pack_into(buf, 0, start, length, mode, 0)
-    try:
-        fcntl.ioctl(fd, abi.UFFDIO_ZEROPAGE, buf, True)
-    except OSError as e:
-        done = _zero.unpack_from(buf)[3]
-        if done > 0:
-            return int(done)
-        raise from_errno(e.errno or 0, f"UFFDIO_ZEROPAGE {start:#x}+{length:#x}") from None
-    return length
+    return _range_op(fd, buf, _zero, abi.UFFDIO_ZEROPAGE, "UFFDIO_ZEROPAGE", start, length, mode)
 
 
 def poison(fd: int, buf: bytearray, start: int, length: int, mode: int) -> int:
-    """UFFDIO_POISON (kernel >= 6.6): touching the range raises SIGBUS."""
-    _poison.pack_into(buf, 0, start, length, mode, 0)
+    """UFFDIO_POISON (kernel >= 6.6): touching the range raises SIGBUS; like :func:`copy`."""
+    return _range_op(fd, buf, _poison, abi.UFFDIO_POISON, "UFFDIO_POISON", start, length, mode)
+
+
+def _range_op(
+    fd: int, buf: bytearray, st: struct.Struct, req: int, what: str, start: int, length: int, mode: int
+) -> int:
+    """The ``{range, mode, count}`` ioctls: bytes done, or raise on no progress."""
+    st.pack_into(buf, 0, start, length, mode, 0)
     try:
-        fcntl.ioctl(fd, abi.UFFDIO_POISON, buf, True)
+        fcntl.ioctl(fd, req, buf, True)
     except OSError as e:
-        done = _poison.unpack_from(buf)[3]
+        done = st.unpack_from(buf)[3]
         if done > 0:
             return int(done)
-        raise from_errno(e.errno or 0, f"UFFDIO_POISON {start:#x}+{length:#x}") from None
+        raise from_errno(e.errno or 0, f"{what} {start:#x}+{length:#x}") from None
     return length
