@@ -84,6 +84,8 @@ class CriuConfig:
     page_server_header: str = "auto"
     #: Background bytes kept outstanding on the page-server connection.
     page_server_window: int = 8 << 20
+    #: Serve from this lazypaged snapshot of the images instead (docs/criu.md).
+    snapshot: str = ""
 
     def check(self) -> None:
         if self.enabled and not self.images_dir:
@@ -96,6 +98,8 @@ class CriuConfig:
             raise ConfigError(f"criu.page_server_header must be auto, 4.1 or 4.2, not {self.page_server_header!r}")
         if self.page_server_window < 4096:
             raise ConfigError("criu.page_server_window must be at least one page")
+        if self.snapshot and self.page_server_address:
+            raise ConfigError("criu.snapshot and criu.page_server_address exclude each other")
 
 
 @dataclass(frozen=True)

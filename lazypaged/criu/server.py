@@ -480,4 +480,5 @@ class CriuListener(LazyPagesServer):
         super().__init__(
             images, Path(cfg.work_dir) if cfg.work_dir else images, session_cfg, table,
             page_server=ps if cfg.page_server_address else None,
+            snapshot=Path(cfg.snapshot) if cfg.snapshot else None,
         )
