@@ -302,3 +302,21 @@ def test_snapshot_of_other_images_is_refused(tmp_path: Path) -> None:
         fake.kill()
         daemon.stop()
     assert "not made from these images" in daemon.log.read_text()
+
+
+def test_snapshot_create_from_criu_on_the_command_line(tmp_path: Path) -> None:
+    """`lazypaged snapshot create --from-criu DIR` writes one region per lazy range."""
+    from lazypaged.cli import main
+    from lazypaged.snapshot.reader import SnapshotReader
+
+    images = tmp_path / "images"
+    _images(images, 12345)
+    snap = tmp_path / "cli.lzs"
+    assert main(["snapshot", "create", "--from-criu", str(images), "-o", str(snap), "-q"]) == 0
+    rd = SnapshotReader(snap)
+    try:
+        assert len(rd.regions) == 3
+        assert all(r.name.startswith("12345:") for r in rd.regions)
+    finally:
+        rd.close()
+    assert main(["snapshot", "create", "--from-criu", str(tmp_path / "nothing"), "-o", str(snap), "-q"]) == 1

@@ -26,6 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from ..criu.images import ImageError
 from . import format as fmt
 from .capture import CaptureError, Mapping, capture_pid
 from .reader import Damage, SnapshotReader
@@ -58,6 +59,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     src = create.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-raw", metavar="FILE", help="a flat memory image (holes and zero pages detected)")
     src.add_argument("--from-pid", metavar="PID", type=int, help="a live process (stopped while captured)")
+    src.add_argument("--from-criu", metavar="DIR", help="a CRIU images directory (one region per lazy range)")
     create.add_argument("-o", "--output", required=True, metavar="OUT", help="snapshot file to write")
     create.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
     create.add_argument(
@@ -120,6 +122,10 @@ def _create(args: argparse.Namespace) -> int:
             if args.from_raw is not None:
                 total(os.stat(args.from_raw).st_size)
                 st = create_from_raw(args.from_raw, args.output, progress=advance, **opts)
+            elif args.from_criu is not None:
+                from ..criu.convert import create_from_criu
+
+                st = create_from_criu(args.from_criu, args.output, progress=advance, **opts)
             else:
 
                 def sized(maps: list[Mapping]) -> None:
@@ -131,6 +137,9 @@ def _create(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except CaptureError as e:
         _err(f"capture failed: {e}")
+        return EXIT_FAIL
+    except ImageError as e:
+        _err(f"CRIU images: {e}")
         return EXIT_FAIL
     except OSError as e:
         _err(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e))
