@@ -116,14 +116,16 @@ def test_process_tree_with_a_zombie(criu: Path, heapprog: Path, tmp_path: Path, 
 
 def test_restored_program_forks(criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]) -> None:
     """Every pass forks a child that checks its copy and then scribbles on it:
-    the child's session serves what the parent had not yet received, and the
-    scribbles never reach the parent."""
+    the child sees the right bytes and the scribbles never reach the parent.
+
+    Whether the first fork lands before the 64 MiB are in depends on timing
+    (after RSTF the fill takes tens of ms); a fork in mid-restore, with the
+    child's session serving what the parent had not yet received, is forced
+    deterministically in tests/test_events.py (fill off)."""
     p, lines, _rc, after = _lazy_restore_local(criu, heapprog, tmp_path, program, "fork", 64)
     _check_lines(lines + after, p.expected)
     assert {ln.extra.get("who") for ln in lines + after} == {"child", "parent"}
     assert all(ln.extra.get("child_status", "0") == "0" for ln in lines + after)
-    log = (tmp_path / "images" / "lazypaged.log").read_text()
-    assert '"target_forked"' in log
 
 
 def test_restored_program_drops_pages(criu: Path, heapprog: Path, tmp_path: Path, program: list[h.Program]) -> None:
