@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object with every ratio as the last line")
     ap.add_argument("--workdir", type=Path, help="scratch directory for images and sockets (default: $TMPDIR)")
     ap.add_argument("-v", "--verbose", action="store_true", help="progress and raw results on stderr")
+    ap.add_argument("--plot", type=Path, metavar="DIR", help="also draw each group's comparisons as DIR/GROUP.png")
     args = ap.parse_args(argv)
     if args.size_mib < 8 or args.runs < 1:
         ap.error("--size-mib must be at least 8 and --runs at least 1")
@@ -154,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print_table(res)
         results.append(res)
+    if args.plot:
+        from benchmarks.plot import plot
+
+        for path in plot(results, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(results, opts, time.monotonic() - t0), ensure_ascii=False), flush=True)
     return 0
