@@ -223,6 +223,9 @@ def lazypaged_daemon(work: Path, snapshots: Path, session_toml: str, extra_toml:
         'log_format = "json"\n'
         'log_level = "info"\n'
         "shutdown_grace = 5.0\n"
+        # Each restore maps its image anew (as the C handler does), and a cold
+        # run is cold: no mapping kept open between restores.
+        "source_linger = 0\n"
         "\n[session]\n" + session_toml + "\n" + extra_toml
     )
     logf = work / "lazypaged.log"
