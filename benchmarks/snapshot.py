@@ -12,7 +12,10 @@ file itself as a baseline (order rotating), and write-touches every page in
 sequence through ``target.py lp-seq``; the time from ``restore()`` to the
 last touch gives the throughput. The daemon's CPU time per restore is read
 from schedstat. The daemon runs with the same [session] defaults as the core
-group. Creation is timed once per layout (it writes the file and fsyncs it).
+group, working-set replay off as there: otherwise the first restore of each
+file records and every later one replays that record (an uncompressed copy)
+instead of reading the snapshot. Creation is timed once per layout (it
+writes the file and fsyncs it).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from lazypaged.snapshot import create_from_raw
 
 from . import common
 from .common import PAGE, GiB, GroupResult, MiB, Options, Ratio, Row, log
-from .core import SESSION_TOML, _target
+from .core import EXTRA_TOML, SESSION_TOML, _target
 
 NAME = "snapshot"
 DESCRIPTION = "restore from zstd and raw-layout snapshots; create throughput and ratio"
@@ -72,7 +75,7 @@ def run(opts: Options) -> GroupResult:
             created[layout] = st
             log(opts, f"created {out.name}: {st.file_size / MiB:.0f} MiB in {st.seconds:.2f} s")
             common.warm_page_cache(out)
-        with common.lazypaged_daemon(work, snaps, SESSION_TOML) as daemon:
+        with common.lazypaged_daemon(work, snaps, SESSION_TOML, EXTRA_TOML) as daemon:
             for i in range(opts.runs):
                 order = ["zstd", "raw", "image"]
                 for layout in order[i % 3 :] + order[: i % 3]:
