@@ -191,11 +191,18 @@ def stop_program(p: Program) -> None:
 
 
 def dump(
-    criu: Path, pid: int, images: Path, *, lazy_address: str | None = None, lazy_port: int = 0, netns: str | None = None
+    criu: Path,
+    pid: int,
+    images: Path,
+    *,
+    lazy_address: str | None = None,
+    lazy_port: int = 0,
+    netns: str | None = None,
+    verbosity: str = "-v4",
 ) -> subprocess.Popen[bytes]:
     """``criu dump``; with an address, a lazy dump that serves pages until CLOSE."""
     images.mkdir(parents=True, exist_ok=True)
-    cmd = [*netns_prefix(netns), str(criu), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", "-v4"]
+    cmd = [*netns_prefix(netns), str(criu), "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", verbosity]
     if lazy_address:
         cmd += ["--lazy-pages", "--address", lazy_address, "--port", str(lazy_port)]
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -265,8 +272,13 @@ def start_lazy_daemon(
     port: int = 0,
     netns: str | None = None,
     extra: list[str] | None = None,
+    verbosity: str = "-v4",
 ) -> LazyDaemon:
-    """``lazypaged criu-lazy-pages`` or ``criu lazy-pages`` with the same arguments, until ready."""
+    """``lazypaged criu-lazy-pages`` or ``criu lazy-pages`` with the same arguments, until ready.
+
+    Tests log everything (``-v4``); benchmarks pass CRIU's default level, as
+    per-page debug lines would slow the daemon they measure.
+    """
     if kind == "lazypaged":
         cmd = [sys.executable, "-m", "lazypaged", "criu-lazy-pages"]
         logname = "lazypaged.log"
@@ -274,7 +286,7 @@ def start_lazy_daemon(
         cmd = [str(criu), "lazy-pages"]
         logname = "criu-lazy.log"
     r, w = os.pipe()
-    cmd += ["-D", str(images), "-o", logname, "-v4", "--status-fd", str(w)]
+    cmd += ["-D", str(images), "-o", logname, verbosity, "--status-fd", str(w)]
     if address:
         cmd += ["--page-server", "--address", address, "--port", str(port)]
     cmd += extra or []
@@ -323,7 +335,9 @@ class Restore:
             self.proc.wait()
 
 
-def restore(criu: Path, images: Path, *, lazy: bool = True, netns: str | None = None) -> Restore:
+def restore(
+    criu: Path, images: Path, *, lazy: bool = True, netns: str | None = None, verbosity: str = "-v4"
+) -> Restore:
     pidfile = images / "restored.pid"
     with contextlib.suppress(FileNotFoundError):
         pidfile.unlink()
@@ -335,7 +349,7 @@ def restore(criu: Path, images: Path, *, lazy: bool = True, netns: str | None = 
         str(images),
         "-o",
         "restore.log",
-        "-v4",
+        verbosity,
         "--pidfile",
         str(pidfile),
     ]
