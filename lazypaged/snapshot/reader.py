@@ -183,26 +183,25 @@ class SnapshotReader:
         return view
 
     def _decompress_into(self, i: int, c: Chunk, frame: memoryview, dst: memoryview) -> None:
+        """Decode the frame into ``dst``, which must come out exactly full.
+
+        One ``decompress`` call (the GIL released for all of it) and a copy
+        beats a streaming reader into ``dst``: fewer Python steps per chunk
+        while the event loop waits for the GIL. The frame must declare the
+        chunk's size first, which also bounds the allocation."""
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
         try:
-            # A frame must declare exactly the chunk's size, and deliver it.
-            params = zstandard.get_frame_parameters(frame)
-            if params.content_size != c.length:
-                raise self.error(i, f"frame declares {params.content_size} bytes, the index says {c.length}")
-            n = 0
-            with dctx.stream_reader(frame) as r:
-                while n < c.length:
-                    k = r.readinto(dst[n:])
-                    if not k:
-                        break
-                    n += k
-                extra = len(r.read(1))  # also makes zstd finish (and check) the frame
+            declared = zstandard.get_frame_parameters(frame).content_size
+            if declared != c.length:
+                raise self.error(i, f"frame declares {declared} bytes, the index says {c.length}")
+            data = dctx.decompress(frame)
         except zstandard.ZstdError as e:
             raise self.error(i, f"zstd: {e}") from None
-        if n != c.length or extra:
-            raise self.error(i, f"decompressed to {n + extra}{'+' * extra} bytes, the index says {c.length}")
+        if len(data) != c.length:
+            raise self.error(i, f"decompressed to {len(data)} bytes, the index says {c.length}")
+        dst[:] = data
 
     def check(self, i: int, data: bytes | bytearray | memoryview) -> None:
         """Raise ChunkError unless ``data`` matches chunk ``i``'s checksum."""

@@ -78,23 +78,9 @@ def _long_zero_runs(flags: bytes, pa: int, pb: int) -> list[tuple[int, int]]:
     return out
 
 
-def _add(out: list[Extent], e: Extent) -> None:
-    """Append, merging with the previous extent when both are zeros or both are
-    data that continue each other in memory (one ioctl instead of two)."""
-    if out:
-        last = out[-1]
-        if last.offset + last.length == e.offset and (
-            (e.address == 0 and last.address == 0)
-            or (e.address and last.address and e.owner is last.owner and last.address + last.length == e.address)
-        ):
-            out[-1] = Extent(last.offset, last.length + e.length, last.address, last.owner)
-            return
-    out.append(e)
-
-
-#: A piece of a request: [start, end) in the source, and the chunk serving it
-#: (-1: served as zeros).
-_Piece = tuple[int, int, int]
+#: A span of a request: [start, stop) in the source, and whether it holds data
+#: (False: served as zeros). Data spans run across chunk edges.
+_Span = tuple[int, int, bool]
 
 
 class _SnapshotSourceBase(PageSource):
@@ -104,80 +90,102 @@ class _SnapshotSourceBase(PageSource):
         self.path = reader.path
         self.size = reader.size
         self._region_offsets = [r.offset for r in reader.regions]
+        self._chunk_offsets = [c.offset for c in reader.index.chunks]
+        self._chunk_ends = [c.offset + c.length for c in reader.index.chunks]
+        self._zero_chunks = bytes(c.kind == ChunkKind.ZERO for c in reader.index.chunks)
 
     @property
     def regions(self) -> tuple[Region, ...]:
         """The snapshot's regions (name, original address, offset in this source)."""
         return self.reader.regions
 
-    def _pieces(self, offset: int, length: int) -> list[_Piece]:
-        """Split a request into zero pieces and pieces of single data chunks.
+    def _spans(self, offset: int, length: int) -> list[_Span]:
+        """Split a request into zero spans and data spans.
 
-        Zero runs of ZERO_RUN_MIN_PAGES or more become zero pieces; shorter
+        Zero runs of ZERO_RUN_MIN_PAGES or more become zero spans; shorter
         ones are copied with the data around them (splitting them out would
-        cost two more ioctls than copying those few pages), unless a piece
+        cost two more ioctls than copying those few pages), unless a span
         holds no data page at all. Works on whole runs of the zero bitmap with
-        bytes.find, so scattered zero pages cost no Python per page."""
+        bytes.find, so scattered zero pages cost no Python per page, and data
+        spans are not cut per chunk: a 2 MiB fill is a handful of spans."""
         self.check_range(offset, length)
-        out: list[_Piece] = []
+        out: list[_Span] = []
         end = offset + length
         rd = self.reader
         ri = bisect.bisect_right(self._region_offsets, offset) - 1
         while offset < end:
             r = rd.regions[ri]
-            stop = min(end, r.offset + r.length)
-            page = r.page_size
+            base, page = r.offset, r.page_size
+            stop = min(end, base + r.length)
             flags = rd.index.zero_pages[ri]
-            pa, pb = (offset - r.offset) // page, -(-(stop - r.offset) // page)
+            pa, pb = (offset - base) // page, -(-(stop - base) // page)
             pos = pa
             for zs, ze in _long_zero_runs(flags, pa, pb):
                 if zs > pos:
-                    self._data_pieces(r, flags, pos, zs, offset, stop, out)
-                out.append((max(offset, r.offset + zs * page), min(stop, r.offset + ze * page), -1))
+                    out.append((max(offset, base + pos * page), base + zs * page, flags.find(0, pos, zs) >= 0))
+                out.append((max(offset, base + zs * page), min(stop, base + ze * page), False))
                 pos = ze
             if pos < pb:
-                self._data_pieces(r, flags, pos, pb, offset, stop, out)
+                out.append((max(offset, base + pos * page), stop, flags.find(0, pos, pb) >= 0))
             offset = stop
             ri += 1
         return out
 
-    def _data_pieces(self, r: Region, flags: bytes, pa: int, pb: int, lo: int, hi: int, out: list[_Piece]) -> None:
-        """Pages [pa, pb) of region ``r`` (clipped to source [lo, hi)), cut at chunk edges."""
-        page = r.page_size
-        per_chunk = self.reader.header.chunk_size // page
-        chunks = self.reader.index.chunks
-        p = pa
-        while p < pb:
-            k = p // per_chunk
-            q = min(pb, (k + 1) * per_chunk)
-            ci = r.first_chunk + k
-            data = chunks[ci].kind != ChunkKind.ZERO and flags.find(0, p, q) >= 0
-            out.append((max(lo, r.offset + p * page), min(hi, r.offset + q * page), ci if data else -1))
-            p = q
+    def _chunks_of(self, spans: list[_Span]) -> list[int]:
+        """The data chunks the data spans need, in order, each once (zero
+        chunks inside a data span are served as zeros, never read)."""
+        out: list[int] = []
+        offsets, ends, zero = self._chunk_offsets, self._chunk_ends, self._zero_chunks
+        for start, stop, data in spans:
+            if not data:
+                continue
+            i = bisect.bisect_right(offsets, start) - 1
+            if out and out[-1] >= i:
+                i = out[-1] + 1
+            while i < len(ends) and offsets[i] < stop:
+                if not zero[i]:
+                    out.append(i)
+                i += 1
+        return out
 
-    def _build(self, pieces: list[_Piece], addresses: dict[int, tuple[int, object]]) -> list[Extent]:
-        """Extents for the pieces, given each data chunk's (address, owner)."""
+    def _build(self, spans: list[_Span], addresses: dict[int, tuple[int, object]]) -> list[Extent]:
+        """Extents for the spans, given each data chunk's (address, owner).
+
+        Neighbouring pieces whose bytes continue each other in memory (chunks
+        decoded side by side), or that are both zeros, become one extent: one
+        ioctl instead of many."""
         out: list[Extent] = []
-        chunks = self.reader.index.chunks
-        for start, stop, ci in pieces:
-            if ci < 0:
-                _add(out, Extent(start, stop - start, 0))
-            else:
-                addr, owner = addresses[ci]
-                _add(out, Extent(start, stop - start, addr + start - chunks[ci].offset, owner))
+        offsets, ends = self._chunk_offsets, self._chunk_ends
+        # The extent being grown: [run_start, run_stop) at run_addr (0: zeros).
+        run_start = run_stop = run_addr = 0
+        run_owner: object = None
+        for start, stop, data in spans:
+            i = bisect.bisect_right(offsets, start) - 1 if data else -1
+            pos = start
+            while pos < stop:
+                if i < 0:
+                    cut, addr, owner = stop, 0, None
+                else:
+                    cut = min(stop, ends[i])
+                    hit = addresses.get(i)  # none for a zero chunk
+                    addr, owner = (hit[0] + pos - offsets[i], hit[1]) if hit else (0, None)
+                    i += 1
+                if run_stop == pos and (
+                    (addr == run_addr == 0)
+                    or (addr and run_addr and owner is run_owner and run_addr + pos - run_start == addr)
+                ):
+                    run_stop = cut
+                else:
+                    if run_stop > run_start:
+                        out.append(Extent(run_start, run_stop - run_start, run_addr, run_owner))
+                    run_start, run_stop, run_addr, run_owner = pos, cut, addr, owner
+                pos = cut
+        if run_stop > run_start:
+            out.append(Extent(run_start, run_stop - run_start, run_addr, run_owner))
         return out
 
     def close(self) -> None:
         self.reader.close()
-
-
-def _chunks_of(pieces: list[_Piece]) -> list[int]:
-    """The data chunks the pieces need, in order, each once."""
-    out: list[int] = []
-    for _, _, ci in pieces:
-        if ci >= 0 and (not out or out[-1] != ci):
-            out.append(ci)
-    return out
 
 
 class _Slab:
@@ -220,7 +228,11 @@ class _SlabPool:
         self._free.clear()
 
 
-_Job = asyncio.Future[dict[int, SourceError | None]]
+#: A decode job: per chunk of its part, None or the chunk's error.
+_Job = asyncio.Future[list[SourceError | None]]
+#: Where a chunk is being decoded: the job, its slab, the chunk's offset in the
+#: slab and its position in the job's results.
+_Pending = tuple[_Job, _Slab, int, int]
 
 
 class CompressedSnapshotSource(_SnapshotSourceBase):
@@ -244,17 +256,29 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         self._lru: OrderedDict[int, _Slab] = OrderedDict()
         self._cache_limit = cache_bytes
         self._cache_bytes = 0  # bytes of the slabs the cache keeps alive
-        self._inflight: dict[int, tuple[_Job, _Slab, int]] = {}
+        self._inflight: dict[int, _Pending] = {}
+        self._jobs = 0  # decode jobs submitted and not settled
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.chunks_decoded = 0
 
     # -- cache ----------------------------------------------------------------------
-    def _cached(self, i: int) -> tuple[_Slab, int] | None:
-        hit = self._where.get(i)
-        if hit is not None:
-            self._lru.move_to_end(id(hit[0]))
-        return hit
+    def _lookup(self, need: list[int], have: dict[int, tuple[int, object]]) -> list[int]:
+        """Fill ``have`` from the cache; the chunks it does not hold, in order."""
+        where, lru = self._where, self._lru
+        missing = []
+        last: _Slab | None = None
+        for i in need:
+            hit = where.get(i)
+            if hit is None:
+                missing.append(i)
+                continue
+            slab = hit[0]
+            have[i] = (slab.address + hit[1], slab)
+            if slab is not last:  # a fill's chunks mostly share one slab
+                lru.move_to_end(id(slab))
+                last = slab
+        return missing
 
     def _remember(self, slab: _Slab, items: list[tuple[int, int]]) -> None:
         """Cache decoded chunks of ``slab``; evict least recently used slabs over the limit."""
@@ -278,11 +302,16 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
 
     # -- decoding -------------------------------------------------------------------
     def _plan(self, chunks: Sequence[int]) -> list[tuple[_Slab, list[tuple[int, int]]]]:
-        """Slabs for chunks to decode: consecutive chunks share one, in order."""
+        """Slabs for chunks to decode: consecutive chunks share one, in order.
+
+        A slab ends after a region's short last chunk, so the bytes in a slab
+        always continue each other as they do in the source."""
         plans: list[tuple[_Slab, list[tuple[int, int]]]] = []
         run: list[int] = []
+        full = self._chunk_size
+        offsets, ends = self._chunk_offsets, self._chunk_ends
         for i in chunks:
-            if run and (i != run[-1] + 1 or len(run) == SLAB_CHUNKS):
+            if run and (i != run[-1] + 1 or len(run) == SLAB_CHUNKS or ends[run[-1]] - offsets[run[-1]] != full):
                 plans.append(self._slab_for(run))
                 run = []
             run.append(i)
@@ -294,85 +323,89 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         slab = self._slabs.take(len(run))
         return slab, [(i, k * self._chunk_size) for k, i in enumerate(run)]
 
-    def _decode_into(self, slab: _Slab, items: list[tuple[int, int]]) -> dict[int, SourceError | None]:
+    def _decode_into(self, slab: _Slab, items: list[tuple[int, int]]) -> list[SourceError | None]:
         """Decode chunks into their slots (runs in a worker thread); per-chunk errors."""
         view = memoryview(slab.data)
         size = self._chunk_size
-        errors = self.reader.chunks_into([(i, view[off : off + size]) for i, off in items])
-        return {i: err for (i, _), err in zip(items, errors, strict=True)}
+        return list(self.reader.chunks_into([(i, view[off : off + size]) for i, off in items]))
 
     def extents(self, offset: int, length: int) -> list[Extent]:
-        pieces = self._pieces(offset, length)
+        spans = self._spans(offset, length)
         have: dict[int, tuple[int, object]] = {}
-        missing = []
-        for i in _chunks_of(pieces):
-            hit = self._cached(i)
-            if hit is None:
-                missing.append(i)
-            else:
-                have[i] = (hit[0].address + hit[1], hit[0])
+        missing = self._lookup(self._chunks_of(spans), have)
         if missing:
             self._check_open()
         for slab, items in self._plan(missing):
             errors = self._decode_into(slab, items)
-            good = [(i, off) for i, off in items if errors[i] is None]
+            good = [item for item, err in zip(items, errors, strict=True) if err is None]
             self.chunks_decoded += len(good)
             self._remember(slab, good)
-            bad = [err for err in errors.values() if err is not None]
+            bad = [err for err in errors if err is not None]
             if bad:
                 raise bad[0]
             for i, off in items:
                 have[i] = (slab.address + off, slab)
-        return self._build(pieces, have)
+        return self._build(spans, have)
 
     async def fetch(self, offset: int, length: int) -> list[Extent]:
-        loop = asyncio.get_running_loop()
-        pieces = self._pieces(offset, length)
+        spans = self._spans(offset, length)
         have: dict[int, tuple[int, object]] = {}
-        waits: dict[int, tuple[_Job, _Slab, int]] = {}
-        missing = []
-        for i in _chunks_of(pieces):
-            hit = self._cached(i)
-            if hit is not None:
-                have[i] = (hit[0].address + hit[1], hit[0])
-            elif i in self._inflight:  # several faults on one chunk share its decode
-                waits[i] = self._inflight[i]
-            else:
-                missing.append(i)
+        missing = self._lookup(self._chunks_of(spans), have)
+        waits: dict[int, _Pending] = {}
         if missing:
-            pool = self._executor()
-            for slab, items in self._plan(missing):
-                per = -(-len(items) // self._workers)
-                for k in range(0, len(items), per):
-                    part = items[k : k + per]
-                    job: _Job = asyncio.ensure_future(loop.run_in_executor(pool, self._decode_into, slab, part))
-                    job.add_done_callback(functools.partial(self._settle, slab, part))
-                    for i, off in part:
-                        waits[i] = self._inflight[i] = (job, slab, off)
+            inflight = self._inflight
+            todo = []
+            for i in missing:
+                pending = inflight.get(i)
+                if pending is None:
+                    todo.append(i)
+                else:  # several faults on one chunk share its decode
+                    waits[i] = pending
+            if todo:
+                self._submit(todo, waits)
         if waits:
-            await asyncio.wait({job for job, _, _ in waits.values()})
-        first_error: BaseException | None = None
-        for i, (job, slab, off) in waits.items():
-            if job.cancelled():
-                err: BaseException | None = SourceError(f"{self.name}: source closed while decoding")
-            else:
-                err = job.exception() or job.result()[i]
-            if err is not None:
-                first_error = first_error or err
-            else:
-                have[i] = (slab.address + off, slab)
-        if first_error is not None:
-            raise first_error
-        return self._build(pieces, have)
+            await asyncio.wait({pending[0] for pending in waits.values()})
+            first_error: BaseException | None = None
+            for i, (job, slab, off, k) in waits.items():
+                if job.cancelled():
+                    err: BaseException | None = SourceError(f"{self.name}: source closed while decoding")
+                else:
+                    err = job.exception() or job.result()[k]
+                if err is not None:
+                    first_error = first_error or err
+                else:
+                    have[i] = (slab.address + off, slab)
+            if first_error is not None:
+                raise first_error
+        return self._build(spans, have)
+
+    def _submit(self, chunks: list[int], waits: dict[int, _Pending]) -> None:
+        """Start decode jobs for ``chunks``; one per slab while the pool is busy,
+        a slab split among the idle workers otherwise (a lone fault waits less)."""
+        loop = asyncio.get_running_loop()
+        pool = self._executor()
+        for slab, items in self._plan(chunks):
+            parts = max(1, min(len(items), self._workers - self._jobs))
+            per = -(-len(items) // parts)
+            for k in range(0, len(items), per):
+                part = items[k : k + per]
+                job: _Job = asyncio.ensure_future(loop.run_in_executor(pool, self._decode_into, slab, part))
+                self._jobs += 1
+                job.add_done_callback(functools.partial(self._settle, slab, part))
+                for n, (i, off) in enumerate(part):
+                    waits[i] = self._inflight[i] = (job, slab, off, n)
 
     def _settle(self, slab: _Slab, part: list[tuple[int, int]], job: _Job) -> None:
         """On the loop, when a decode job ends: cache what decoded, forget the job."""
-        ok = not job.cancelled() and job.exception() is None
-        results = job.result() if ok else {}
+        self._jobs -= 1
+        inflight = self._inflight
         for i, _ in part:
-            if self._inflight.get(i, (None,))[0] is job:
-                del self._inflight[i]
-        good = [(i, off) for i, off in part if ok and results[i] is None]
+            if inflight.get(i, (None,))[0] is job:
+                del inflight[i]
+        if job.cancelled() or job.exception() is not None:
+            return
+        results = job.result()
+        good = [item for item, err in zip(part, results, strict=True) if err is None]
         self.chunks_decoded += len(good)
         self._remember(slab, good)
 
@@ -413,8 +446,8 @@ class MappedSnapshotSource(_SnapshotSourceBase):
     def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._base:
             raise SourceError(f"{self.name}: source is closed")
-        pieces = self._pieces(offset, length)
-        needed = _chunks_of(pieces)
+        spans = self._spans(offset, length)
+        needed = self._chunks_of(spans)
         if needed:
             # Reading a mapping past the end of its file raises SIGBUS in the
             # daemon: check the file still holds these chunks before hashing.
@@ -430,7 +463,7 @@ class MappedSnapshotSource(_SnapshotSourceBase):
                 self.reader.check(i, memoryview((ctypes.c_char * c.length).from_address(addr)).cast("B"))
                 self._verified[i] = 1
             addrs[i] = (addr, None)
-        return self._build(pieces, addrs)
+        return self._build(spans, addrs)
 
     def close(self) -> None:
         base, self._base = self._base, 0
