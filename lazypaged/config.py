@@ -35,6 +35,9 @@ class SessionConfig:
     #: poisons them (touching raises SIGBUS), "kill" SIGKILLs the target.
     #: Never zeros.
     failure_policy: str = "wait"
+    #: After a fault, keep reading the uffd this long (µs) before sleeping in
+    #: the event loop, while this is the only session being served.
+    fault_poll_us: int = 50
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class ControlConfig:
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    """"127.0.0.1:9478", "[::1]:9478", ":9478" (every address) → (host, port)."""
+    """ "127.0.0.1:9478", "[::1]:9478", ":9478" (every address) → (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{text!r} is not host:port (an IPv6 address in brackets: [::1]:9478)")
@@ -262,6 +265,8 @@ class Config:
                 raise ConfigError(f"session.{name} = {v} must be a positive multiple of {page}")
         if s.failure_policy not in ("wait", "sigbus", "kill"):
             raise ConfigError(f"session.failure_policy must be wait, sigbus or kill, not {s.failure_policy!r}")
+        if not 0 <= s.fault_poll_us <= 10_000:
+            raise ConfigError(f"session.fault_poll_us = {s.fault_poll_us} must be between 0 and 10000")
         if s.fault_around_min > s.fault_around_max:
             raise ConfigError("session.fault_around_min must not exceed fault_around_max")
         if self.log_format not in ("auto", "json", "console"):

@@ -24,6 +24,7 @@ def test_documented_defaults_match_built_in() -> None:
         ({"session": {"fill": "yes"}}, "session.fill"),
         ({"session": {"fault_around_min": 1000}}, "fault_around_min"),
         ({"session": {"fault_around_min": 1 << 22, "fault_around_max": 1 << 21}}, "fault_around_min"),
+        ({"session": {"fault_poll_us": -1}}, "fault_poll_us"),
         ({"daemon": {"socket_mode": "rw"}}, "socket_mode"),
         ({"daemon": {"log_format": "xml"}}, "log_format"),
         ({"firecracker": {"socket": "/tmp/x.sock"}}, "mem_file"),
