@@ -25,7 +25,8 @@ def plot(results: list[GroupResult], out_dir: Path) -> list[Path]:
     for res in results:
         by_unit: dict[str, list[tuple[str, float, float, float]]] = defaultdict(list)
         for r in res.rows:
-            by_unit[r.unit].append((r.label, r.median, min(r.samples), max(r.samples)))
+            label = f"{r.label} ({r.note})" if r.note else r.label
+            by_unit[r.unit].append((label, r.median, min(r.samples), max(r.samples)))
         units = [u for u, rows in by_unit.items() if len(rows) > 1]  # comparisons only
         panels = 1 + len(units)
         heights = [max(1.2, 0.45 * len(res.ratios) + 0.8)] + [0.45 * len(by_unit[u]) + 0.8 for u in units]
