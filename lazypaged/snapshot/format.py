@@ -20,9 +20,11 @@ import enum
 import itertools
 import operator
 import struct
-from collections.abc import Sequence
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn, overload
 
 import xxhash
 
@@ -66,6 +68,7 @@ class ChunkKind(enum.IntEnum):
 
 _KINDS = tuple(ChunkKind)
 _KIND_VALUES = frozenset(int(k) for k in ChunkKind)
+_KIND_BYTES = bytes(sorted(_KIND_VALUES))
 
 
 class SnapshotError(SourceError):
@@ -126,10 +129,85 @@ class Chunk(NamedTuple):
     checksum: bytes
 
 
+class ChunkTable(Sequence[Chunk]):
+    """The chunk records, kept as columns and made into :class:`Chunk` tuples
+    only when asked for (then remembered).
+
+    An index of a few GiB has tens of thousands of records; a tuple for each
+    at open time is most of what opening costs, and a restore waits for it.
+    Hot paths read the columns directly."""
+
+    __slots__ = (
+        "_memo",
+        "checksums",
+        "data_offset",
+        "frame_offset",
+        "frame_size",
+        "kind",
+        "length",
+        "offset",
+        "region",
+    )
+
+    def __init__(
+        self,
+        region: array[int],
+        offset: array[int],
+        length: array[int],
+        kind: bytes,
+        frame_offset: array[int],
+        frame_size: array[int],
+        data_offset: array[int],
+        checksums: bytes,
+    ) -> None:
+        self.region = region
+        self.offset = offset
+        self.length = length
+        self.kind = kind  # one byte per chunk, a ChunkKind value
+        self.frame_offset = frame_offset
+        self.frame_size = frame_size
+        self.data_offset = data_offset
+        self.checksums = checksums  # 16 bytes per chunk
+        self._memo: list[Chunk | None] = [None] * len(kind)
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def _make(self, i: int) -> Chunk:
+        c = self._memo[i]
+        if c is None:
+            c = self._memo[i] = Chunk(
+                self.region[i],
+                self.offset[i],
+                self.length[i],
+                _KINDS[self.kind[i]],
+                self.frame_offset[i],
+                self.frame_size[i],
+                self.data_offset[i],
+                self.checksums[16 * i : 16 * i + 16],
+            )
+        return c
+
+    @overload
+    def __getitem__(self, i: int) -> Chunk: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Chunk]: ...
+    def __getitem__(self, i: int | slice) -> Chunk | list[Chunk]:
+        if isinstance(i, slice):
+            return [self._make(k) for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("chunk index out of range")
+        return self._make(i % n)
+
+    def __iter__(self) -> Iterator[Chunk]:
+        return map(self._make, range(len(self)))
+
+
 @dataclass(frozen=True, slots=True)
 class Index:
     regions: tuple[Region, ...]
-    chunks: tuple[Chunk, ...]
+    chunks: ChunkTable
     #: One byte per page of each region, in region order: 1 = the page is zero.
     zero_pages: tuple[bytes, ...]
 
@@ -304,36 +382,64 @@ def parse_index(frame: bytes, h: Header) -> Index:
         zero_pages.append(_unpack_bits(bits, pages))
     if pos != len(body):
         raise FormatError(f"index has {len(body) - pos} unexpected trailing bytes")
-    for ci, c in enumerate(chunks):
-        if c.kind != ChunkKind.ZERO:
-            continue
-        r = regions[c.region]
-        first = (c.offset - r.offset) // r.page_size
-        pages = c.length // r.page_size
-        if zero_pages[c.region].count(1, first, first + pages) != pages:
+    ci = chunks.kind.find(ChunkKind.ZERO)
+    while ci >= 0:
+        r = regions[chunks.region[ci]]
+        first = (chunks.offset[ci] - r.offset) // r.page_size
+        pages = chunks.length[ci] // r.page_size
+        if zero_pages[chunks.region[ci]].count(1, first, first + pages) != pages:
             raise FormatError(f"chunk {ci}: marked zero but its pages are not")
-    return Index(tuple(regions), tuple(chunks), tuple(zero_pages))
+        ci = chunks.kind.find(ChunkKind.ZERO, ci + 1)
+    return Index(tuple(regions), chunks, tuple(zero_pages))
 
 
-def _parse_chunks(table: memoryview, regions: list[Region], h: Header) -> list[Chunk]:
-    """Chunk records, checked column by column with C-speed builtins (an index
-    of a few GiB has tens of thousands of records, and opening must be quick)."""
+def _column(table: bytes, n: int, at: int, size: int) -> bytes:
+    """Bytes ``at``..``at+size`` of each of ``n`` records, back to back: one
+    strided slice per byte, so no Python object per record."""
+    col = bytearray(n * size)
+    step = _CHUNK.size
+    for b in range(size):
+        col[b::size] = table[at + b : n * step : step]
+    return bytes(col)
+
+
+def _ints(data: bytes, code: str) -> array[int]:
+    """Little-endian integers of one column as an array."""
+    out = array(code)
+    out.frombytes(data)
+    if sys.byteorder != "little":
+        out.byteswap()
+    return out
+
+
+def _parse_chunks(records: memoryview, regions: list[Region], h: Header) -> ChunkTable:
+    """Chunk records, cut into columns and checked column by column with
+    C-speed builtins (an index of a few GiB has tens of thousands of records,
+    and opening must be quick)."""
     csize, raw_prefix = h.chunk_size, zf.RAW_FRAME_PREFIX
-    foffs, fsizes, doffs, kinds, lengths, digests = zip(*_CHUNK.iter_unpack(table), strict=True)
-    region_of: list[int] = []
-    offsets: list[int] = []
-    want: list[int] = []
+    n = len(records) // _CHUNK.size
+    table = records.tobytes()
+    foffs = _ints(_column(table, n, 0, 8), "Q")
+    fsizes = _ints(_column(table, n, 8, 4), "I")
+    doffs = _ints(_column(table, n, 12, 4), "I")
+    kinds = _column(table, n, 16, 1)
+    lengths = _ints(_column(table, n, 20, 4), "I")
+    digests = _column(table, n, 24, 16)
+    region_of = array("I")
+    offsets = array("Q")
+    want = array("I")
     for r_i, r in enumerate(regions):
-        n = r.chunk_count
-        region_of += [r_i] * n
-        offsets += range(r.offset, r.offset + n * csize, csize)
-        want += [csize] * (n - 1) + [r.length - (n - 1) * csize]
+        k = r.chunk_count
+        region_of += array("I", [r_i]) * k
+        offsets += array("Q", range(r.offset, r.offset + k * csize, csize))
+        want += array("I", [csize]) * (k - 1)
+        want.append(r.length - (k - 1) * csize)
     ends = list(map(operator.add, foffs, fsizes))
-    raw = [i for i, k in enumerate(kinds) if k == ChunkKind.RAW]
+    raw = [i for i, k in enumerate(kinds) if k == ChunkKind.RAW] if ChunkKind.RAW in kinds else []
     pages = [regions[region_of[i]].page_size for i in raw] if h.raw else []
     sound = (
-        list(lengths) == want
-        and set(kinds) <= _KIND_VALUES
+        lengths == want
+        and not kinds.translate(None, _KIND_BYTES)
         and min(fsizes) > 0
         and foffs[0] >= HEADER_FRAME
         and all(map(operator.le, ends, foffs[1:]))
@@ -344,18 +450,17 @@ def _parse_chunks(table: memoryview, regions: list[Region], h: Header) -> list[C
     )
     if not sound:
         _find_chunk_problem(regions, h, foffs, fsizes, doffs, kinds, lengths)
-    kind_of = list(map(_KINDS.__getitem__, kinds))
-    return list(map(Chunk._make, zip(region_of, offsets, lengths, kind_of, foffs, fsizes, doffs, digests, strict=True)))
+    return ChunkTable(region_of, offsets, lengths, kinds, foffs, fsizes, doffs, digests)
 
 
 def _find_chunk_problem(
     regions: list[Region],
     h: Header,
-    foffs: tuple[int, ...],
-    fsizes: tuple[int, ...],
-    doffs: tuple[int, ...],
-    kinds: tuple[int, ...],
-    lengths: tuple[int, ...],
+    foffs: Sequence[int],
+    fsizes: Sequence[int],
+    doffs: Sequence[int],
+    kinds: bytes,
+    lengths: Sequence[int],
 ) -> NoReturn:
     """Walk the records one by one to say which is wrong, and how."""
     frame_end = HEADER_FRAME
@@ -395,10 +500,11 @@ def check_seek_table(entries: list[tuple[int, int]], h: Header, idx: Index) -> N
     if not entries:
         return
     csizes, dsizes = zip(*entries, strict=True)
-    ends = [c.frame_offset + c.frame_size for c in idx.chunks]
-    if list(itertools.accumulate(csizes)) != ends or list(dsizes) != [c.length for c in idx.chunks]:
+    t = idx.chunks
+    ends = list(map(operator.add, t.frame_offset, t.frame_size))
+    if list(itertools.accumulate(csizes)) != ends or array("I", dsizes) != t.length:
         end = 0
-        for i, ((csize, dsize), c, e) in enumerate(zip(entries, idx.chunks, ends, strict=True)):
+        for i, ((csize, dsize), length, e) in enumerate(zip(entries, t.length, ends, strict=True)):
             end += csize
-            if dsize != c.length or end != e:
+            if dsize != length or end != e:
                 raise FormatError(f"seek table entry {i} disagrees with the index")

@@ -52,7 +52,7 @@ class SnapshotReader:
         except BaseException:
             self.close()
             raise
-        self._chunk_offsets = [c.offset for c in self.index.chunks]
+        self._chunk_offsets = self.index.chunks.offset.tolist()
 
     def _load(self) -> tuple[Header, Index]:
         size = os.fstat(self._fd).st_size

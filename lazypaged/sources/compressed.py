@@ -29,6 +29,7 @@ import bisect
 import ctypes
 import functools
 import mmap
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ _SPARE_SLABS = 8
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 _ZERO_RUN = b"\1" * ZERO_RUN_MIN_PAGES
+_ZERO = int(ChunkKind.ZERO)
 
 
 def _long_zero_runs(flags: bytes, pa: int, pb: int) -> list[tuple[int, int]]:
@@ -90,9 +92,10 @@ class _SnapshotSourceBase(PageSource):
         self.path = reader.path
         self.size = reader.size
         self._region_offsets = [r.offset for r in reader.regions]
-        self._chunk_offsets = [c.offset for c in reader.index.chunks]
-        self._chunk_ends = [c.offset + c.length for c in reader.index.chunks]
-        self._zero_chunks = bytes(c.kind == ChunkKind.ZERO for c in reader.index.chunks)
+        table = reader.index.chunks
+        self._chunk_offsets = table.offset.tolist()
+        self._chunk_ends = list(map(operator.add, table.offset, table.length))
+        self._kinds = table.kind
 
     @property
     def regions(self) -> tuple[Region, ...]:
@@ -135,7 +138,7 @@ class _SnapshotSourceBase(PageSource):
         """The data chunks the data spans need, in order, each once (zero
         chunks inside a data span are served as zeros, never read)."""
         out: list[int] = []
-        offsets, ends, zero = self._chunk_offsets, self._chunk_ends, self._zero_chunks
+        offsets, ends, kinds = self._chunk_offsets, self._chunk_ends, self._kinds
         for start, stop, data in spans:
             if not data:
                 continue
@@ -143,7 +146,7 @@ class _SnapshotSourceBase(PageSource):
             if out and out[-1] >= i:
                 i = out[-1] + 1
             while i < len(ends) and offsets[i] < stop:
-                if not zero[i]:
+                if kinds[i] != _ZERO:
                     out.append(i)
                 i += 1
         return out
