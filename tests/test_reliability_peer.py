@@ -287,6 +287,25 @@ def test_flips_that_persist_poison_the_pages_sigbus(loop: Loop, export: str) -> 
                       "poisoned_pages": res["poisoned_pages"], "source_failed": len(failed)}))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="product gap: a session's source failures and poisoned bytes (SessionStats.source_errors, "
+    "bytes_poisoned) appear in no output: not in session_ended (RestoreSession.summary), the status "
+    "reply or the metrics",
+)
+def test_policy_use_is_counted_where_an_operator_can_see_it(loop: Loop) -> None:
+    """docs/reliability.md: every use of the failure policy is "logged and
+    counted". The session's record of itself at its end should say how many
+    source failures it had and how many bytes it poisoned."""
+    reader = loop.start(FlipRange(BAD, BAD + PAGE), "sigbus")
+    rc, res, err = _result(loop.target("img", "seq"))
+    assert rc == 0, (res, err[-2000:])
+    assert res["poisoned_pages"] > 0, res
+    ended = [e for e in reader.log_lines() if e.get("event") == "session_ended"]
+    assert ended[-1].get("source_errors", 0) >= 1, ended[-1]
+    assert ended[-1].get("bytes_poisoned") == res["poisoned_pages"] * PAGE, ended[-1]
+
+
 def test_flips_that_persist_kill_the_target(loop: Loop) -> None:
     flips = FlipRange(BAD, BAD + PAGE)
     reader = loop.start(flips, "kill")
