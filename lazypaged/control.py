@@ -63,6 +63,8 @@ def build_status(sessions: SessionTable, monitor: Monitor) -> cp.StatusReply:
                 fill_rate=max(0.0, rates.fill),
                 install_rate=max(0.0, rates.install),
                 seconds=max(0.0, st.seconds),
+                source_errors=st.source_errors,
+                bytes_poisoned=st.bytes_poisoned,
             )
         )
         for src in {id(r.source): r.source for r in s.regions}.values():

@@ -117,6 +117,10 @@ class SessionStatus:
     fill_rate: float
     install_rate: float
     seconds: float
+    #: Times a source could not deliver pages (each a use of the failure
+    #: policy), and bytes poisoned by the ``sigbus`` policy.
+    source_errors: int = 0
+    bytes_poisoned: int = 0
 
     def __post_init__(self) -> None:
         _text("id", self.id)
@@ -126,7 +130,7 @@ class SessionStatus:
             _count("pid", self.pid)
         _names("sources", self.sources)
         for name in ("pages_total", "pages_installed", "faults", "bytes_copied", "bytes_zero", "bytes_fault",
-                     "bytes_fill"):
+                     "bytes_fill", "source_errors", "bytes_poisoned"):
             _count(name, getattr(self, name))
         if self.pages_installed > self.pages_total:
             raise LocalProtocolError(f"pages_installed {self.pages_installed} exceeds pages_total {self.pages_total}")

@@ -64,6 +64,8 @@ class KindTotals:
     bytes_fault: int = 0
     bytes_fill: int = 0
     fault_ns: int = 0
+    source_errors: int = 0
+    bytes_poisoned: int = 0
     latency: list[int] = field(default_factory=lambda: [0] * 32)
     outcomes: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -87,6 +89,8 @@ class FinishedTotals:
         t.bytes_fault += st.bytes_fault
         t.bytes_fill += st.bytes_fill
         t.fault_ns += st.fault_ns
+        t.source_errors += st.source_errors
+        t.bytes_poisoned += st.bytes_poisoned
         for k, n in enumerate(st.latency_us_log2):
             t.latency[min(k, len(t.latency) - 1)] += n
         outcome = s.outcome
@@ -129,6 +133,8 @@ class SessionCollector(Collector):
             t.bytes_fault += st.bytes_fault
             t.bytes_fill += st.bytes_fill
             t.fault_ns += st.fault_ns
+            t.source_errors += st.source_errors
+            t.bytes_poisoned += st.bytes_poisoned
             for k, n in enumerate(st.latency_us_log2):
                 t.latency[min(k, len(t.latency) - 1)] += n
             states[s.kind, s.state] += 1
@@ -152,8 +158,16 @@ class SessionCollector(Collector):
             labels=["kind"],
         )
         installed = CounterMetricFamily(
-            "lazypaged_installed_bytes", "Bytes installed, by method: copy (UFFDIO_COPY) or zero (UFFDIO_ZEROPAGE)",
+            "lazypaged_installed_bytes",
+            "Bytes installed, by method: copy (UFFDIO_COPY), zero (UFFDIO_ZEROPAGE) or poison (UFFDIO_POISON, "
+            "failure policy sigbus)",
             labels=["kind", "method"],
+        )
+        source_failures = CounterMetricFamily(
+            "lazypaged_source_failures",
+            "Times a source could not deliver pages (file gone, checksum failure, peer past its deadline); "
+            "each is a use of the session's failure policy",
+            labels=["kind"],
         )
         fault_bytes = CounterMetricFamily(
             "lazypaged_fault_bytes", "Bytes installed in answer to faults, fault-around included", labels=["kind"]
@@ -171,11 +185,13 @@ class SessionCollector(Collector):
             blocked.add_metric([kind], total(kind, "fault_ns") / 1e9)
             installed.add_metric([kind, "copy"], total(kind, "bytes_copied"))
             installed.add_metric([kind, "zero"], total(kind, "bytes_zero"))
+            installed.add_metric([kind, "poison"], total(kind, "bytes_poisoned"))
+            source_failures.add_metric([kind], total(kind, "source_errors"))
             fault_bytes.add_metric([kind], total(kind, "bytes_fault"))
             fill_bytes.add_metric([kind], total(kind, "bytes_fill"))
             hist = [a + b for a, b in zip(done.get(kind, zero).latency, live.get(kind, zero).latency, strict=True)]
             latency.add_metric([kind], _latency_buckets(hist), total(kind, "fault_ns") / 1e9)
-        yield from (faults, blocked, installed, fault_bytes, fill_bytes, latency)
+        yield from (faults, blocked, installed, source_failures, fault_bytes, fill_bytes, latency)
 
         pages = GaugeMetricFamily(
             "lazypaged_pages_remaining", "Pages live sessions have still to install", labels=["kind"]

@@ -1198,6 +1198,9 @@ class RestoreSession:
             "fault_p50_us": st.percentile_us(0.5),
             "fault_p99_us": st.percentile_us(0.99),
             "seconds": round(st.seconds, 6),
+            "failure_policy": self.failure_policy,
+            "source_errors": st.source_errors,
+            "bytes_poisoned": st.bytes_poisoned,
         }
 
 

@@ -287,12 +287,6 @@ def test_flips_that_persist_poison_the_pages_sigbus(loop: Loop, export: str) -> 
                       "poisoned_pages": res["poisoned_pages"], "source_failed": len(failed)}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product gap: a session's source failures and poisoned bytes (SessionStats.source_errors, "
-    "bytes_poisoned) appear in no output: not in session_ended (RestoreSession.summary), the status "
-    "reply or the metrics",
-)
 def test_policy_use_is_counted_where_an_operator_can_see_it(loop: Loop) -> None:
     """docs/reliability.md: every use of the failure policy is "logged and
     counted". The session's record of itself at its end should say how many
