@@ -81,6 +81,8 @@ POLL_BUDGET_NS = 2_000_000
 _bisect_right = bisect.bisect_right
 _ONES = memoryview(b"\x01" * (64 << 20 >> 12))  # marks 64 MiB of 4 KiB pages, sliced without a copy
 _OTHER_STATES = {MISSING: (SETTLED, INFLIGHT), INFLIGHT: (MISSING, SETTLED), SETTLED: (MISSING, INFLIGHT)}
+#: Bytes of the fill's first chunk; each next one is twice as big, up to fill_chunk.
+FILL_FIRST_CHUNK = 128 << 10
 #: Asynchronous fetches the fill keeps in flight per session.
 FILL_INFLIGHT = 4
 #: Seconds of back-to-back fill copies between yields to the event loop: a
@@ -183,6 +185,7 @@ class RestoreSession:
         self._seq_next = -1
         self._fill_region = 0
         self._fill_page = 0
+        self._fill_step = FILL_FIRST_CHUNK >> 1  # doubled before each fill chunk
         self._done: asyncio.Future[Outcome] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1128,7 +1131,11 @@ class RestoreSession:
 
     def _fill_run(self, ri: int, i: int) -> tuple[Region, int]:
         r = self.regions[ri]
-        j = min(i + max(1, self.cfg.fill_chunk >> r.shift), r.npages)
+        # The first chunks are small and double up to fill_chunk: the target's
+        # first faults come right after the handoff, and a fault never waits
+        # for more than the chunk being copied.
+        chunk = self._fill_step = min(self._fill_step << 1, self.cfg.fill_chunk)
+        j = min(i + max(1, chunk >> r.shift), r.npages)
         for other in (SETTLED, INFLIGHT):
             k = r.bitmap.find(other, i, j)
             if k != -1:
