@@ -159,7 +159,10 @@ class RestoreSession:
         self.children = 0
         self._pidfd = pidfd
         self._fault_around = cfg.fault_around if fault_around is None else fault_around
-        self._poll_ns = cfg.fault_poll_us * 1000
+        # Polling only pays where faults are served inline: a fetch from a
+        # pool or a peer needs the event loop that the poll would hold.
+        synchronous = all(r.source.synchronous for r in self.regions)
+        self._poll_ns = cfg.fault_poll_us * 1000 if synchronous else 0
         self._counted = False  # in ``serving``
         self._fill_enabled = cfg.fill if fill is None else fill
         #: Fill waits for :meth:`start_fill` (CRIU: only after end-of-restore).
