@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from lazypaged.snapshot import ChunkError, FormatError, SnapshotReader, SnapshotWriter, create_from_raw
 from lazypaged.snapshot import format as fmt
+from lazypaged.snapshot import reader as snapshot_reader
 from lazypaged.sources import RawImageSource, SourceError
 from lazypaged.sources.compressed import ZERO_RUN_MIN_PAGES, CompressedSnapshotSource, MappedSnapshotSource
 from lazypaged.sources.open import open_source
@@ -453,5 +454,34 @@ def test_zero_chunk_inside_data_is_never_read(tmp_path: Path, layout: str) -> No
             (2, 1, True),
         ]
         assert gather(ext) == raw.read_bytes()
+    finally:
+        src.close()
+
+
+@pytest.mark.parametrize("decoder", ["libzstd", "streaming"])
+def test_both_decoders_serve_and_refuse_alike(
+    tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, decoder: str
+) -> None:
+    """Chunks decode straight into their slot through libzstd when it loads,
+    else through python-zstandard's reader: the same bytes, the same refusals."""
+    if decoder == "streaming":
+        monkeypatch.setattr(snapshot_reader, "_libzstd", lambda: None)
+    elif snapshot_reader._libzstd() is None:
+        pytest.skip("libzstd cannot be loaded here")
+    path = _make(tmp_path, image, "zstd")
+    with SnapshotReader(path) as rd:
+        bad = [i for i, c in enumerate(rd.index.chunks) if c.kind != 0][7]
+        c = rd.index.chunks[bad]
+    src = open_source(path)
+    try:
+        assert gather(src.extents(0, SIZE)) == image[1]
+    finally:
+        src.close()
+    flip_bit(path, c.frame_offset + c.frame_size // 2)
+    src = open_source(path, "snap")
+    try:
+        with pytest.raises(ChunkError, match=f"snap: chunk {bad} "):
+            src.extents(c.offset, PAGE)
+        assert gather(src.extents(0, c.offset)) == image[1][: c.offset]
     finally:
         src.close()

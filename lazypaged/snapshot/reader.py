@@ -10,6 +10,9 @@ threads at once (``pread`` plus one zstd context per thread).
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
+import functools
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -24,6 +27,75 @@ from .format import Chunk, ChunkError, ChunkKind, FormatError, Header, Index, Re
 #: Largest run of neighbouring frames read at once (32 compressed 64 KiB chunks
 #: fit; a run of incompressible ones is slightly larger than its data).
 _MAX_SPAN = 4 << 20
+
+
+class _LibZstd:
+    """libzstd's one-shot decoder, called through ctypes.
+
+    python-zstandard can only decode into a buffer of ours through a
+    streaming reader (several Python steps per chunk) or into a fresh bytes
+    object that must then be copied. ``ZSTD_decompressDCtx`` writes the chunk
+    straight into its slot, never past ``capacity``, with the GIL released for
+    the whole call. One decoding context per thread; freed with the thread."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        lib.ZSTD_createDCtx.restype = ctypes.c_void_p
+        lib.ZSTD_createDCtx.argtypes = []
+        lib.ZSTD_freeDCtx.restype = ctypes.c_size_t
+        lib.ZSTD_freeDCtx.argtypes = [ctypes.c_void_p]
+        lib.ZSTD_decompressDCtx.restype = ctypes.c_size_t
+        lib.ZSTD_decompressDCtx.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+        ]
+        lib.ZSTD_isError.restype = ctypes.c_uint
+        lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_getErrorName.restype = ctypes.c_char_p
+        lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        self._local = threading.local()
+
+    def decompress_into(self, dst: memoryview, frame: memoryview) -> tuple[int, str]:
+        """Decode ``frame`` (one zstd frame, nothing after it) into ``dst``:
+        (bytes written, "") or (0, libzstd's reason)."""
+        ctx: _DCtx | None = getattr(self._local, "ctx", None)
+        if ctx is None:
+            ctx = self._local.ctx = _DCtx(self._lib)
+        out = ctypes.addressof(ctypes.c_char.from_buffer(dst))
+        src = ctypes.addressof(ctypes.c_char.from_buffer(frame))
+        r = self._lib.ZSTD_decompressDCtx(ctx.ptr, out, len(dst), src, len(frame))
+        if self._lib.ZSTD_isError(r):
+            return 0, self._lib.ZSTD_getErrorName(r).decode(errors="replace")
+        return int(r), ""
+
+
+class _DCtx:
+    """A libzstd decoding context, freed when its thread's locals go."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._lib = lib
+        self.ptr = lib.ZSTD_createDCtx()
+        if not self.ptr:
+            raise MemoryError("ZSTD_createDCtx failed")
+
+    def __del__(self) -> None:
+        self._lib.ZSTD_freeDCtx(self.ptr)
+
+
+@functools.cache
+def _libzstd() -> _LibZstd | None:
+    """The system's libzstd if it can be loaded (else decoding goes through
+    python-zstandard's streaming reader, slower but the same bytes)."""
+    name = ctypes.util.find_library("zstd")
+    if name is None:
+        return None
+    try:
+        return _LibZstd(ctypes.CDLL(name))
+    except (OSError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,23 +257,44 @@ class SnapshotReader:
     def _decompress_into(self, i: int, c: Chunk, frame: memoryview, dst: memoryview) -> None:
         """Decode the frame into ``dst``, which must come out exactly full.
 
-        One ``decompress`` call (the GIL released for all of it) and a copy
-        beats a streaming reader into ``dst``: fewer Python steps per chunk
-        while the event loop waits for the GIL. The frame must declare the
-        chunk's size first, which also bounds the allocation."""
+        The frame must declare the chunk's size. With libzstd at hand the
+        frame is decoded straight into ``dst`` by one call that releases the
+        GIL (no intermediate buffer, no Python step per block); otherwise a
+        streaming reader fills ``dst``."""
+        try:
+            declared = zstandard.get_frame_parameters(frame).content_size
+        except zstandard.ZstdError as e:
+            raise self.error(i, f"zstd: {e}") from None
+        if declared != c.length:
+            raise self.error(i, f"frame declares {declared} bytes, the index says {c.length}")
+        direct = _libzstd()
+        if direct is not None and not frame.readonly and not dst.readonly:
+            n, failure = direct.decompress_into(dst, frame)
+            if failure:
+                raise self.error(i, f"zstd: {failure}")
+        else:
+            n = self._stream_into(i, frame, dst)
+        if n != c.length:
+            raise self.error(i, f"decompressed to {n} bytes, the index says {c.length}")
+
+    def _stream_into(self, i: int, frame: memoryview, dst: memoryview) -> int:
+        """Decode with python-zstandard's streaming reader; bytes produced (one
+        past ``dst`` if the frame holds more)."""
         dctx = getattr(self._local, "dctx", None)
         if dctx is None:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        n = 0
         try:
-            declared = zstandard.get_frame_parameters(frame).content_size
-            if declared != c.length:
-                raise self.error(i, f"frame declares {declared} bytes, the index says {c.length}")
-            data = dctx.decompress(frame)
+            with dctx.stream_reader(frame) as r:
+                while n < len(dst):
+                    k = r.readinto(dst[n:])
+                    if not k:
+                        break
+                    n += k
+                n += len(r.read(1))  # also makes zstd finish (and check) the frame
         except zstandard.ZstdError as e:
             raise self.error(i, f"zstd: {e}") from None
-        if len(data) != c.length:
-            raise self.error(i, f"decompressed to {len(data)} bytes, the index says {c.length}")
-        dst[:] = data
+        return n
 
     def check(self, i: int, data: bytes | bytearray | memoryview) -> None:
         """Raise ChunkError unless ``data`` matches chunk ``i``'s checksum."""
