@@ -389,6 +389,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 self.conn.opened(ev.handle, export.source.size, export.identity)
         elif isinstance(ev, pp.Read):
             export = self._handles[ev.handle]
+            if self.urgent and export.source.synchronous:
+                self._answer_now(export, ev)
+                return
             task = asyncio.get_running_loop().create_task(self._fetch(export, ev))
             self._queue.append((ev, task))
             if self.urgent:
@@ -399,6 +402,27 @@ class _ExportProtocol(asyncio.BufferedProtocol):
             self.log.info(
                 "peer_read_refused", request=ev.request_id, code=pp.ErrorCode.name_of(ev.code), error=ev.message
             )
+
+    def _answer_now(self, export: Export, read: pp.Read) -> None:
+        """An urgent read of a local source, answered while its READ is parsed.
+
+        A faulting thread on the reader waits for this: going through a task
+        and the writer would cost two more loop iterations, each possibly
+        behind a bulk frame being written."""
+        try:
+            self._send(read, export.source.extents(read.offset, read.length))
+        except SourceError as e:
+            self._failed(read, e)
+        except pp.LocalProtocolError as e:
+            self._internal(read, f"the source answered outside the read: {e}")
+        except Exception as e:  # a bug: refuse this read, keep the connection
+            self.log.error("export_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
+            self._internal(read, f"{type(e).__name__}: {e}")
+
+    def _failed(self, read: pp.Read, e: SourceError) -> None:
+        if self.conn.remaining(read.request_id):
+            self.conn.fail_read(read.request_id, pp.ErrorCode.SOURCE_ERROR, str(e))
+        self.log.warning("peer_read_failed", request=read.request_id, error=str(e))
 
     async def _fetch(self, export: Export, read: pp.Read) -> list[Extent]:
         src = export.source
@@ -429,8 +453,7 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                     else:
                         await self._send_bulk(read, extents)
                 except SourceError as e:
-                    self.conn.fail_read(read.request_id, pp.ErrorCode.SOURCE_ERROR, str(e))
-                    self.log.warning("peer_read_failed", request=read.request_id, error=str(e))
+                    self._failed(read, e)
                 except pp.LocalProtocolError as e:
                     self._internal(read, f"the source answered outside the read: {e}")
                 except Exception as e:  # a bug: refuse this read, keep the connection
@@ -487,6 +510,11 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 else:
                     self.conn.send_data(rid, piece)
                 self._flush()
+                # One frame per loop iteration: an urgent READ that arrived
+                # meanwhile is read (and answered) before the next frame.
+                await asyncio.sleep(0)
+                if self._closing:
+                    return
             self.bytes_sent += e.length
 
 

@@ -51,6 +51,12 @@ _MIN_BUFFER = 64 << 10
 #: Idle receive buffers kept for reuse (fresh ones page-fault their way in).
 _POOL_BYTES = 64 << 20
 _BACKOFF_START = 0.05
+#: Faulting threads count as active this long after their last urgent read
+#: completed: a thread that just faulted is likely to fault again soon.
+FAULT_LINGER = 0.005
+#: While they are active, bulk completions (each an install of up to a fill
+#: chunk, a millisecond or so of the loop) are handed out at most this often.
+BULK_GAP = 0.004
 
 
 class PeerUnavailable(SourceError):
@@ -183,6 +189,17 @@ class _LinkProtocol(asyncio.BufferedProtocol):
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
+    def hold(self, on: bool) -> None:
+        """Stop (or resume) taking bytes off the socket."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if on:
+            t.pause_reading()
+        else:
+            self.last_rx = asyncio.get_running_loop().time()
+            t.resume_reading()
+
     def abort(self, why: str) -> None:
         if not self.error:
             self.error = why
@@ -256,6 +273,10 @@ class _Link:
         self.connects = 0
         self._tick: asyncio.TimerHandle | None = None
         self._deliveries: deque[tuple[_Pending, pp.ReadDone]] = deque()
+        self._delivery_due = False
+        self._last_delivery = 0.0
+        #: Bulk only: a faulting thread waits on the urgent link (see :meth:`hold`).
+        self.held = False
 
     async def read(self, export: _ExportInfo, offset: int, length: int) -> pp.ReadDone:
         if export.broken:
@@ -273,6 +294,11 @@ class _Link:
             self._ensure_connecting()
 
     def _pump(self) -> None:
+        self._send_queued()
+        if self.role == "urgent":
+            self.peer.prioritize()
+
+    def _send_queued(self) -> None:
         proto = self.proto
         if proto is None:
             self._ensure_connecting()
@@ -334,6 +360,8 @@ class _Link:
                     delay = min(delay * 2, cfg.backoff_max)
                     continue
                 self.proto = proto
+                if self.held:
+                    proto.hold(True)
                 self.connects += 1
                 self.log.info(
                     "peer_link_up",
@@ -407,6 +435,8 @@ class _Link:
         waiting = [p for p in self.sent.values() if not p.future.done()]
         self.sent.clear()
         self.queue.extendleft(reversed(waiting))
+        if self.role == "urgent":
+            self.peer.prioritize()
         if not self.closed:
             self.log.warning("peer_link_down", error=why, waiting=len(self.queue))
         if self.queue and not self.closed:
@@ -420,9 +450,38 @@ class _Link:
                 p.future.set_result(ev)
             else:
                 self._deliveries.append((p, ev))
-                if len(self._deliveries) == 1:
-                    asyncio.get_running_loop().call_soon(self._deliver_one)
+                self._schedule_delivery()
         self._pump()
+
+    def hold(self, on: bool) -> None:
+        """Bulk only: while any urgent read is on the wire, read no bulk bytes
+        and hand out no bulk completions.
+
+        The loop is the bottleneck a fault's reply waits for, not the wire:
+        each bulk completion releases an install of up to a fill chunk, each
+        bulk read moves a few hundred KiB. Held, the loop has nothing to do
+        but the urgent reply when it arrives. The exporter holds its bulk
+        frames back likewise; the bulk bytes in flight wait in the kernel,
+        bounded by ``bulk_window``."""
+        if on == self.held:
+            return
+        self.held = on
+        if self.proto is not None:
+            self.proto.hold(on)
+        self._schedule_delivery()
+
+    def _schedule_delivery(self) -> None:
+        if not self._deliveries or self.held or self._delivery_due:
+            return
+        self._delivery_due = True
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if now - self.peer.urgent_done < FAULT_LINGER:
+            at = max(now, self._last_delivery + BULK_GAP)
+            if at > now:
+                loop.call_at(at, self._deliver_one)
+                return
+        loop.call_soon(self._deliver_one)
 
     def _deliver_one(self) -> None:
         """Hand out one bulk completion per loop iteration.
@@ -432,13 +491,14 @@ class _Link:
         them would run back to back ahead of a fault's install that became
         ready meanwhile; released one per iteration, a fault waits behind at
         most one."""
-        if not self._deliveries:
+        self._delivery_due = False
+        if not self._deliveries or self.held:
             return
         p, ev = self._deliveries.popleft()
         if not p.future.done():
             p.future.set_result(ev)
-        if self._deliveries:
-            asyncio.get_running_loop().call_soon(self._deliver_one)
+        self._last_delivery = asyncio.get_running_loop().time()
+        self._schedule_delivery()
 
     def _failed(self, ev: pp.ReadFailed) -> None:
         p = self.sent.pop(ev.request_id, None)
@@ -456,6 +516,8 @@ class _Link:
             _fail(p, message)
         self.queue.clear()
         self.sent.clear()
+        if self.role == "urgent":
+            self.peer.prioritize()
 
     def fail_export(self, export: _ExportInfo) -> None:
         for p in list(self.queue) + list(self.sent.values()):
@@ -477,6 +539,9 @@ class _Link:
         self._tick = None
         proto = self.proto
         if proto is None or not self.sent:
+            return
+        if self.held:  # not reading on purpose; the clock restarts when released
+            self._arm()
             return
         idle = asyncio.get_running_loop().time() - proto.last_rx
         stall = self.peer.pool.cfg.stall_timeout
@@ -523,6 +588,8 @@ class Peer:
         self._by_handle: dict[int, _ExportInfo] = {}
         #: Sent in HELLO on both links so the exporter can pair them.
         self.client_id = uuid.uuid4().hex
+        #: Loop time the last burst of urgent reads completed (see FAULT_LINGER).
+        self.urgent_done = -1.0
         self.urgent = _Link(self, "urgent")
         self.bulk = _Link(self, "bulk")
         self.refs = 0
@@ -550,6 +617,14 @@ class Peer:
         info = self._by_handle.get(ev.handle)
         if info is not None and not info.broken:
             self._broken(info, f"{self.label}/{info.name}: the peer refused the export: {ev.reason}: {ev.message}")
+
+    def prioritize(self) -> None:
+        """Bulk waits while any urgent read is on the wire (reads queued for a
+        link that is down do not count: the bulk link may still be up)."""
+        busy = bool(self.urgent.sent) and not self.urgent.closed
+        if not busy and self.bulk.held:
+            self.urgent_done = asyncio.get_running_loop().time()
+        self.bulk.hold(busy)
 
     def _broken(self, info: _ExportInfo, message: str) -> None:
         info.broken = message
