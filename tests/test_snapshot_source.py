@@ -9,6 +9,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -223,13 +224,13 @@ def test_decompression_does_not_block_the_loop(
     tmp_path: Path, image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _make(tmp_path, image, "zstd")
-    orig = SnapshotReader.chunk_into
+    orig = SnapshotReader.chunks_into
 
-    def slow_chunk(self: SnapshotReader, i: int, out: bytearray | memoryview, frame: memoryview | None = None) -> None:
-        time.sleep(0.2)
-        orig(self, i, out, frame)
+    def slow_chunks(self: SnapshotReader, items: Sequence[tuple[int, memoryview]]) -> list[ChunkError | None]:
+        time.sleep(0.2 * len(items))
+        return orig(self, items)
 
-    monkeypatch.setattr(SnapshotReader, "chunk_into", slow_chunk)
+    monkeypatch.setattr(SnapshotReader, "chunks_into", slow_chunks)
 
     async def main() -> None:
         src = CompressedSnapshotSource(SnapshotReader(path), workers=2)
