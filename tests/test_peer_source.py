@@ -120,6 +120,33 @@ async def test_remote_reads_match_the_image(setup: Setup, export: str) -> None:
 
 
 @pytest.mark.asyncio
+async def test_bulk_waits_while_urgent_reads_are_on_the_wire(setup: Setup) -> None:
+    pool = PeerPool(RemoteConfig(stall_timeout=0.4))
+    try:
+        src = await pool.acquire_async(setup.url)
+        await asyncio.gather(src.fetch_urgent(0, PAGE), src.fetch(0, PAGE))
+        bulk = src.peer.bulk
+        assert not bulk.held
+        urgent = asyncio.ensure_future(src.fetch_urgent(MiB, PAGE))
+        filling = asyncio.ensure_future(src.fetch(2 * MiB, MiB))
+        await asyncio.sleep(0)  # both sent, no reply read yet
+        assert bulk.held
+        assert _read(await urgent, MiB, PAGE) == setup.image[MiB : MiB + PAGE]
+        assert not bulk.held
+        assert _read(await filling, 2 * MiB, MiB) == setup.image[2 * MiB : 3 * MiB]
+        # Held on purpose for longer than the stall timeout: not a dead link.
+        bulk.hold(True)
+        late = asyncio.ensure_future(src.fetch(3 * MiB, MiB))
+        await asyncio.sleep(1.0)
+        assert not late.done()
+        bulk.hold(False)
+        assert _read(await asyncio.wait_for(late, 5), 3 * MiB, MiB) == setup.image[3 * MiB :]
+        assert bulk.connects == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.asyncio
 async def test_unknown_export_is_refused_clearly(setup: Setup) -> None:
     pool = PeerPool(RemoteConfig())
     try:

@@ -56,7 +56,7 @@ _BACKOFF_START = 0.05
 FAULT_LINGER = 0.005
 #: While they are active, bulk completions (each an install of up to a fill
 #: chunk, a millisecond or so of the loop) are handed out at most this often.
-BULK_GAP = 0.004
+BULK_GAP = 0.008
 
 
 class PeerUnavailable(SourceError):
@@ -460,9 +460,8 @@ class _Link:
         The loop is the bottleneck a fault's reply waits for, not the wire:
         each bulk completion releases an install of up to a fill chunk, each
         bulk read moves a few hundred KiB. Held, the loop has nothing to do
-        but the urgent reply when it arrives. The exporter holds its bulk
-        frames back likewise; the bulk bytes in flight wait in the kernel,
-        bounded by ``bulk_window``."""
+        but the urgent reply when it arrives. The bulk bytes in flight wait
+        in the kernel meanwhile, bounded by ``bulk_window``."""
         if on == self.held:
             return
         self.held = on
