@@ -207,8 +207,8 @@ def test_concurrent_faults_share_one_decode(tmp_path: Path, image: tuple[Path, b
     path = _make(tmp_path, image, "zstd")
 
     async def main() -> None:
-        src = open_source(path)
-        assert isinstance(src, CompressedSnapshotSource)
+        # No read-ahead: the faults run in sequence, and only sharing is counted here.
+        src = CompressedSnapshotSource(SnapshotReader(path), read_ahead=0)
         try:
             c = next(c for c in src.reader.index.chunks if c.kind != 0)
             res = await asyncio.gather(*(src.fetch(c.offset + k * PAGE, PAGE) for k in range(8)))
@@ -486,3 +486,75 @@ def test_both_decoders_serve_and_refuse_alike(
         assert gather(src.extents(0, c.offset)) == image[1][: c.offset]
     finally:
         src.close()
+
+
+async def _decoders_idle(src: CompressedSnapshotSource) -> None:
+    """Wait until every decode job (read-ahead included) has settled."""
+    for _ in range(500):
+        if not src._jobs:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("decode jobs never settled")
+
+
+def test_sequential_reads_are_decoded_ahead(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    """A reader going forward (the fill) finds its next chunks already decoded;
+    a reader jumping about starts no read-ahead."""
+    path = _make(tmp_path, image, "zstd")
+    step = 8 * CHUNK
+
+    async def main() -> None:
+        src = CompressedSnapshotSource(SnapshotReader(path), workers=2, read_ahead=2 * step)
+        try:
+            await src.fetch(0, step)
+            await src.fetch(step, step)  # sequential: decoding of the next 2 steps starts
+            await _decoders_idle(src)
+            ahead = [i for i in range(16, 32) if src.reader.index.chunks[i].kind != 0]
+            assert all(i in src._where for i in ahead)
+            n = src.chunks_decoded
+            assert gather(await src.fetch(2 * step, step)) == image[1][2 * step : 3 * step]
+            assert src.chunks_decoded == n  # from the cache, and no decode waited for
+            cold = CompressedSnapshotSource(SnapshotReader(path), workers=2, read_ahead=2 * step)
+            try:
+                await cold.fetch(5 * step, step)
+                await cold.fetch(step, step)  # not where the last one ended
+                await _decoders_idle(cold)
+                assert cold.chunks_decoded == 16
+            finally:
+                cold.close()
+        finally:
+            src.close()
+
+    asyncio.run(main())
+
+
+def test_read_ahead_never_caches_a_bad_chunk(tmp_path: Path, image: tuple[Path, bytes]) -> None:
+    """A damaged chunk met while reading ahead is not cached (nor served):
+    the request that needs it gets its error, its neighbours are served."""
+    path = _make(tmp_path, image, "zstd")
+    step = 8 * CHUNK
+    with SnapshotReader(path) as rd:
+        bad = next(i for i, c in enumerate(rd.index.chunks) if c.kind != 0 and c.offset >= 2 * step + CHUNK)
+        c = rd.index.chunks[bad]
+    flip_bit(path, c.frame_offset + c.frame_size // 2)
+
+    async def main() -> None:
+        src = CompressedSnapshotSource(SnapshotReader(path), workers=2, read_ahead=2 * step)
+        try:
+            await src.fetch(0, step)
+            await src.fetch(step, step)  # reads ahead over the damaged chunk
+            await _decoders_idle(src)
+            assert bad not in src._where
+            assert bad - 1 in src._where  # its neighbours were good
+            assert bad + 1 in src._where
+            n = src.chunks_decoded
+            with pytest.raises(ChunkError, match=f"chunk {bad} "):
+                await src.fetch(c.offset, PAGE)
+            assert gather(await src.fetch(2 * step, c.offset - 2 * step)) == image[1][2 * step : c.offset]
+            end = c.offset + c.length
+            assert gather(await src.fetch(end, CHUNK)) == image[1][end : end + CHUNK]
+            assert src.chunks_decoded == n  # the neighbours came from the cache
+        finally:
+            src.close()
+
+    asyncio.run(main())

@@ -48,6 +48,10 @@ DEFAULT_CACHE_BYTES = 16 << 20
 ZERO_RUN_MIN_PAGES = 8
 #: Most chunks decoded into one slab: 32 × 64 KiB is the session's 2 MiB fill.
 SLAB_CHUNKS = 32
+#: Bytes decoded ahead of a sequential reader (the fill), beyond what it asked
+#: for: its next requests then find their chunks decoded or under way, and the
+#: decoders keep busy while the loop installs. Two slabs; well within the cache.
+READ_AHEAD = 4 << 20
 #: Idle slabs kept per size for reuse (sizes are powers of two chunks).
 _SPARE_SLABS = 8
 #: Decompression threads per source; the machine has few cores to share.
@@ -249,6 +253,7 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         *,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         workers: int = DEFAULT_WORKERS,
+        read_ahead: int = READ_AHEAD,
     ) -> None:
         super().__init__(reader)
         self._chunk_size = reader.header.chunk_size
@@ -264,6 +269,11 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self.chunks_decoded = 0
+        # Read-ahead: where the last fetch ended, and how far decoding was
+        # started ahead of it.
+        self._read_ahead = min(read_ahead, cache_bytes // 4)
+        self._next = -1
+        self._ahead = 0
 
     # -- cache ----------------------------------------------------------------------
     def _lookup(self, need: list[int], have: dict[int, tuple[int, object]]) -> list[int]:
@@ -366,6 +376,13 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
                     waits[i] = pending
             if todo:
                 self._submit(todo, waits)
+        end = offset + length
+        if self._read_ahead:
+            if offset == self._next:
+                self._decode_ahead(end)
+            else:
+                self._ahead = end
+            self._next = end
         if waits:
             await asyncio.wait({pending[0] for pending in waits.values()})
             first_error: BaseException | None = None
@@ -381,6 +398,20 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
             if first_error is not None:
                 raise first_error
         return self._build(spans, have)
+
+    def _decode_ahead(self, end: int) -> None:
+        """Start decoding the data chunks in the next ``read_ahead`` bytes after
+        a sequential request that ended at ``end``. They enter the cache like
+        any decode: only once their checksum matched (a bad one is left out,
+        and whoever asks for it gets the error then)."""
+        start, stop = max(end, self._ahead), min(self.size, end + self._read_ahead)
+        if start >= stop:
+            return
+        self._ahead = stop
+        where, inflight = self._where, self._inflight
+        todo = [i for i in self._chunks_of(self._spans(start, stop - start)) if i not in where and i not in inflight]
+        if todo:
+            self._submit(todo, {})
 
     def _submit(self, chunks: list[int], waits: dict[int, _Pending]) -> None:
         """Start decode jobs for ``chunks``; one per slab while the pool is busy,
