@@ -6,13 +6,16 @@ need no chunk data at all. Every other page is served from its chunk's bytes,
 and a chunk's bytes are only ever handed out after its checksum matched:
 
 - compressed layout: the missing chunks of a request are decompressed, side
-  by side, into one *slab* (a recycled buffer), split among the workers of a
-  thread pool (zstd and ``pread`` release the GIL, so the event loop keeps
-  serving other sessions). Neighbouring chunks thus sit next to each other in
-  memory and a 2 MiB fill becomes one UFFDIO_COPY, not 32. Extents hold their
-  slab as ``Extent.owner``; a small LRU cache holds recently decoded chunks
-  (and so their slabs); a slab's memory is reused only once nothing refers
-  to it;
+  by side, into one *slab* (a recycled buffer) by a thread pool: one job per
+  slab while the pool is busy, a slab split among idle workers otherwise
+  (zstd and ``pread`` release the GIL, so the event loop keeps serving
+  other sessions). Neighbouring chunks thus sit next to each other in memory
+  and a 2 MiB fill becomes one UFFDIO_COPY, not 32. Extents hold their slab
+  as ``Extent.owner``; a small LRU cache holds recently decoded chunks (and
+  so their slabs); a slab's memory is reused only once nothing refers to it.
+  A request that starts where the previous one ended (the fill) also starts
+  decoding the next READ_AHEAD bytes, so the next request finds its chunks
+  decoded or under way; those enter the cache like any other, once verified;
 - raw layout: the chunk is already page-aligned in the file, so extents point
   into a read-only mapping of it (zero-copy). Each chunk is hashed from the
   mapping the first time it is used and remembered as verified.
