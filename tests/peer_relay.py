@@ -24,6 +24,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 
+import msgpack
+
 HEADER = struct.Struct("<BBHI")
 DATA_HEAD = struct.Struct("<IIQ16s")
 PREAMBLE_LEN = 8
@@ -53,15 +55,19 @@ class Corruptor:
         self.data_frames = 0
         self.active = True
 
+    #: Only frames on connections of this role ("urgent", "bulk"); "": all.
+    role = ""
+
     def choose(self, offset: int, length: int, flags: int, frame_len: int) -> tuple[int, int] | None:
         raise NotImplementedError
 
-    def apply(self, frame: bytearray) -> None:
+    def apply(self, frame: bytearray, role: str) -> None:
         _, flags, _, _ = HEADER.unpack_from(frame)
         _, length, offset, _ = DATA_HEAD.unpack_from(frame, HEADER.size)
         with self.lock:
             self.data_frames += 1
-            pick = self.choose(offset, length, flags, len(frame)) if self.active else None
+            wanted = self.active and (not self.role or role == self.role)
+            pick = self.choose(offset, length, flags, len(frame)) if wanted else None
             if pick is None:
                 return
             pos, mask = pick
@@ -102,11 +108,12 @@ class FlipOnce(Corruptor):
 
 class FlipRange(Corruptor):
     """A bit in every payload that carries bytes of image range [lo, hi), for
-    as long as :attr:`active` is set: re-reads of that range fail too."""
+    as long as :attr:`active` is set: re-reads of that range fail too. With
+    ``role``, only on connections of that role (``bulk``: the fill's reads)."""
 
-    def __init__(self, lo: int, hi: int) -> None:
+    def __init__(self, lo: int, hi: int, role: str = "") -> None:
         super().__init__()
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.role = lo, hi, role
 
     def choose(self, offset: int, length: int, flags: int, frame_len: int) -> tuple[int, int] | None:
         if flags & DATA_ZERO or frame_len <= PAYLOAD_AT or offset >= self.hi or offset + length <= self.lo:
@@ -143,6 +150,29 @@ def _read_exact(s: socket.socket, n: int) -> bytearray | None:
             return None
         got += k
     return buf
+
+
+class _Conn:
+    """What the reader said about one connection: its role, from its HELLO
+    (preamble, frame header, msgpack map)."""
+
+    def __init__(self) -> None:
+        self.role = ""
+        self.known = threading.Event()
+
+    def learn(self, head: bytearray) -> None:
+        start = PREAMBLE_LEN + HEADER.size
+        if len(head) < start:
+            return
+        _, _, _, n = HEADER.unpack_from(head, PREAMBLE_LEN)
+        if len(head) < start + n:
+            return
+        try:
+            hello = msgpack.unpackb(bytes(head[start : start + n]))
+            self.role = str(hello.get("role", "")) if isinstance(hello, dict) else ""
+        except (ValueError, msgpack.UnpackException):
+            self.role = ""
+        self.known.set()
 
 
 @dataclass
@@ -186,16 +216,24 @@ class Relay:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._open += [down, up]
             self.connections += 1
-            self._spawn(self._pass, down, up)
-            self._spawn(self._frames, up, down)
+            conn = _Conn()
+            self._spawn(self._pass, down, up, conn)
+            self._spawn(self._frames, up, down, conn)
 
-    def _pass(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pass(self, src: socket.socket, dst: socket.socket, conn: _Conn) -> None:
         with contextlib.suppress(OSError):
+            head = bytearray()
+            while not conn.known.is_set() and (data := src.recv(1 << 16)):
+                dst.sendall(data)
+                head += data
+                conn.learn(head)
+            conn.known.set()
             while data := src.recv(1 << 16):
                 dst.sendall(data)
+        conn.known.set()
         self._drop(src, dst)
 
-    def _frames(self, src: socket.socket, dst: socket.socket) -> None:
+    def _frames(self, src: socket.socket, dst: socket.socket, conn: _Conn) -> None:
         try:
             pre = _read_exact(src, PREAMBLE_LEN)
             if pre is None:
@@ -208,7 +246,8 @@ class Relay:
                     return
                 frame = head + body
                 if ftype == DATA and n >= DATA_HEAD.size:
-                    self.corruptor.apply(frame)
+                    conn.known.wait(5)
+                    self.corruptor.apply(frame, conn.role)
                 dst.sendall(frame)
         except OSError:
             pass

@@ -187,12 +187,12 @@ class Loop:
         self.reader = start_daemon(work, extra_config=remote, session_config=f'failure_policy = "{policy}"')
         return self.reader
 
-    def target(self, export: str, order: str = "seq", seed: int = 0) -> subprocess.Popen[str]:
+    def target(self, export: str, order: str = "seq", seed: int = 0, timeout: float = 120) -> subprocess.Popen[str]:
         assert self.reader is not None
         assert self.relay is not None
         url = f"peer://127.0.0.1:{self.relay.port}/{export}"
         args = [sys.executable, str(CHECK_TARGET), "--socket", str(self.reader.socket), "--image", str(self.image),
-                "--name", url, "--size", str(SIZE), "--order", order, "--seed", str(seed)]
+                "--name", url, "--size", str(SIZE), "--order", order, "--seed", str(seed), "--timeout", str(timeout)]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -343,6 +343,38 @@ def test_flips_that_persist_then_stop_wait_policy(loop: Loop) -> None:
     assert ended[-1]["outcome"] == "complete", ended
     assert ended[-1]["pages_installed"] == ended[-1]["pages_total"], ended
     print(json.dumps({"policy": "wait", "flips": len(flips.flips), "wrong_pages": 0, "source_failed": len(failed)}))
+
+
+@pytest.mark.xfail(
+    strict=False,  # a race: most runs hit it within 6 restores, some do not
+    reason="product bug: RestoreSession._retry_source (lazypaged/session.py) lists a failed range's missing runs "
+    "once, then awaits each run's fetch; pages of later runs that a fault installs meanwhile are marked "
+    "in flight again and their EEXIST counted as a second install. pages_missing goes wrong: the session "
+    "completes with pages still missing (the target then reads zeros) or never completes",
+)
+def test_wait_policy_retry_never_counts_a_page_twice(loop: Loop) -> None:
+    """Only the fill's reads (the bulk connection) of most of the image are
+    corrupted, so fill chunks fail for good and wait for their retry while
+    the target's fault reads (the urgent connection, clean) go on installing
+    pages inside those chunks. Every page must be counted once and every
+    restore complete. The overlap is a race: up to 6 restores in a row."""
+    flips = FlipRange(2 * MiB, 14 * MiB, role="bulk")
+    reader = loop.start(flips, "wait")
+    rounds = []
+    for k in range(6):
+        rc, res, err = _result(loop.target("img", "random", seed=k, timeout=15), timeout=60)
+        _wait_for(lambda n=k: len(_named(reader.log_lines(), "session_ended")) > n, 15, "the session to end")
+        end = _named(reader.log_lines(), "session_ended")[k]
+        rounds.append({"rc": rc, "wrong_pages": res.get("wrong_pages"), "outcome": end["outcome"],
+                       "pages_total": end["pages_total"], "pages_installed": end["pages_installed"]})
+        if rc != 0 or end["outcome"] != "complete":
+            break
+    print(json.dumps({"flips": len(flips.flips), "rounds": rounds}))
+    for r in rounds:
+        assert r["pages_installed"] <= r["pages_total"], r
+        assert r["rc"] == 0, (r, err[-2000:])
+        assert r["wrong_pages"] == 0, r
+        assert r["outcome"] == "complete", r
 
 
 def run_random_flips(loop: Loop, restores: int, rate: float, limit: int) -> dict[str, Any]:
