@@ -13,7 +13,9 @@ completion message, then compares every byte with the image.
 
 Reported (stdout, and load-<n>x<size>MiB.json in the test's directory):
 per-target wall time to completion, the restoring daemon's per-session p99
-fault latency, both daemons' peak RSS, and the same by source. Nothing is
+fault latency (read to install; for a peer source it stops when the fetch is
+sent, so it leaves out the network), the p99 of every touch as the target
+timed it (network included), both daemons' peak RSS, and the same by source. Nothing is
 asserted about speed: a starved target shows up as an outlier, and a target
 that never finishes fails the test by its timeout.
 """
@@ -66,6 +68,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "completion_s": _spread([float(r["seconds"]) for r in rows]),
         "fault_p99_us": {"median": statistics.median(p99s) if p99s else None, "max": max(p99s) if p99s else None},
         "faults_median": statistics.median([int(r["faults"] or 0) for r in rows]) if rows else None,
+        "touch_p99_us": _spread([float(r["touch_p99_us"]) for r in rows if r["touch_p99_us"] is not None]),
+        "touch_max_us": max((int(r["touch_max_us"]) for r in rows if r["touch_max_us"] is not None), default=None),
+        "touches_over_1ms_median": statistics.median([int(r["touches_over_1ms"] or 0) for r in rows])
+        if rows else None,
     }
 
 
@@ -100,6 +106,8 @@ def run_load(tmp: Path, n: int, size: int) -> dict[str, Any]:
             last = lines[-1] if lines else {"ok": False, "stderr": err[-500:]}
             results.append({"source": label, "rc": p.returncode, "ok": last.get("ok"),
                             "wrong_pages": last.get("wrong_pages"), "complete_s": last.get("complete_s"),
+                            "touch_p99_us": last.get("touch_p99_us"), "touch_p999_us": last.get("touch_p999_us"),
+                            "touch_max_us": last.get("touch_max_us"), "touches_over_1ms": last.get("touches_over_1ms"),
                             "seconds": round(time.monotonic() - started, 3),
                             "pid": lines[0].get("pid") if lines else 0,
                             "error": None if lines and lines[-1].get("ok") is not None else (lines, err[-500:])})
