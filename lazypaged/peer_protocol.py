@@ -72,10 +72,15 @@ MAX_READ: Final = 8 << 20
 MAX_DATA: Final = 4 << 20
 #: Compressed payload bound: zstd never grows data by more than ~1/128 plus a header.
 MAX_PAYLOAD: Final = MAX_DATA + (MAX_DATA >> 7) + 512
-#: Raw data is cut into frames of this size, each with its own checksum. The
-#: exporter checks for urgent work between two bulk frames, so this bounds
-#: how long a bulk write holds an urgent one up on the exporter.
+#: Raw data is cut into frames of this size by default, each with its own
+#: checksum (urgent replies).
 DATA_FRAME: Final = 256 << 10
+#: Frame size for background (bulk) data: fewer frames, syscalls and
+#: per-frame work on both sides. The exporter looks for urgent READs between
+#: two bulk frames, so this bounds how long a bulk write holds one up there
+#: (a few hundred microseconds); on the wire urgent replies have their own
+#: connection.
+BULK_FRAME: Final = 1 << 20
 #: Reads one connection may have in flight; the server says its own in WELCOME.
 DEFAULT_MAX_INFLIGHT: Final = 256
 #: Open exports per connection.
@@ -467,7 +472,8 @@ class _Connection:
             self._inbox.append(bytes(data))
 
     def get_buffer(self) -> memoryview:
-        """Writable memory for the next incoming bytes (never empty)."""
+        """Writable memory for the next incoming bytes (never empty once
+        :meth:`next_event` returned ``NEED_DATA``)."""
         if self._target is not None and self._start == self._end:
             return self._target[self._target_pos :]
         if self._start == self._end:
@@ -487,8 +493,12 @@ class _Connection:
 
     def _pull_inbox(self) -> None:
         while self._inbox:
+            if self._target is not None and self._start != self._end:
+                return  # payload bytes in scratch go to their target first (``_step``)
             data = self._inbox[0]
             buf = self.get_buffer()
+            if not len(buf):
+                return  # a payload target is full: ``_step`` completes it first
             n = min(len(buf), len(data))
             buf[:n] = data[:n]
             self.buffer_updated(n)
@@ -781,12 +791,14 @@ class ServerConnection(_Connection):
             self._advance(rid, r, n)
             length -= n
 
-    def send_data(self, rid: int, data: bytes | bytearray | memoryview) -> None:
+    def send_data(self, rid: int, data: bytes | bytearray | memoryview, *, frame: int = DATA_FRAME) -> None:
         """The next bytes of read ``rid``, sent as they are (``data`` is referenced,
-        not copied: keep it unchanged until written)."""
+        not copied: keep it unchanged until written), in frames of ``frame`` bytes."""
+        if not 0 < frame <= MAX_DATA:
+            raise LocalProtocolError(f"frame size {frame} outside 1…{MAX_DATA}")
         view = memoryview(data).cast("B")
-        for pos in range(0, len(view), DATA_FRAME):
-            piece = view[pos : pos + DATA_FRAME]
+        for pos in range(0, len(view), frame):
+            piece = view[pos : pos + frame]
             r = self._serving(rid, len(piece))
             head = _DATA.pack(rid, len(piece), r.cursor, checksum(piece))
             self._out.append(_HEADER.pack(FrameType.DATA, 0, 0, _DATA.size + len(piece)) + head)

@@ -46,8 +46,8 @@ from .sources.registry import SourceRegistry
 
 #: Write buffer marks per connection: a few DATA frames queued while the
 #: kernel drains the socket, and no more.
-WRITE_HIGH = 1 << 20
-WRITE_LOW = 256 << 10
+WRITE_HIGH = 2 * pp.BULK_FRAME
+WRITE_LOW = pp.BULK_FRAME // 2
 #: Seconds a new connection has to say who it is (preamble, TLS handshake).
 HANDSHAKE_TIMEOUT = 10.0
 #: TCP keepalive for exporter sockets: a reader that vanished is noticed.
@@ -493,22 +493,22 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 self.conn.send_zero(rid, e.length)
                 continue
             view = memoryview(_bytes_at(e))
-            for pos in range(0, e.length, pp.DATA_FRAME):
+            for pos in range(0, e.length, pp.BULK_FRAME):
                 if not self._reader.idle.is_set() or not self._can_write.is_set():
                     self._flush()
                     await self._reader.idle.wait()
                     await self._can_write.wait()
                     if self._closing:
                         return
-                piece = view[pos : pos + pp.DATA_FRAME]
+                piece = view[pos : pos + pp.BULK_FRAME]
                 if level:
                     frame, digest = await loop.run_in_executor(None, _compress, level, piece)
                     if len(frame) < len(piece):
                         self.conn.send_compressed(rid, len(piece), frame, digest)
                     else:
-                        self.conn.send_data(rid, piece)
+                        self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
                 else:
-                    self.conn.send_data(rid, piece)
+                    self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
                 self._flush()
                 # One frame per loop iteration: an urgent READ that arrived
                 # meanwhile is read (and answered) before the next frame.

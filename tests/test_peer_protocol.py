@@ -111,6 +111,25 @@ def test_raw_data_split_in_frames_and_merged_back() -> None:
     assert bytes(done.buffer.view) == payload
 
 
+def test_bulk_frames_are_bigger_and_bounded() -> None:
+    s, c = _pair()
+    _opened(s, c, 8 << 20)
+    n = 2 * pp.BULK_FRAME + 4096
+    rid = c.read(7, 0, n)
+    _to_server(c, s)
+    payload = bytes((i * 13) & 0xFF for i in range(n))
+    with pytest.raises(pp.LocalProtocolError, match="frame size"):
+        s.send_data(rid, payload, frame=pp.MAX_DATA + 1)
+    s.send_data(rid, payload, frame=pp.BULK_FRAME)
+    wire = _wire(s.data_to_send())
+    assert len(wire) == n + 3 * (8 + 32)  # three frames
+    c.receive_data(wire)
+    (done,) = _events(c)
+    assert isinstance(done, pp.ReadDone)
+    assert done.buffer is not None
+    assert bytes(done.buffer.view) == payload
+
+
 def test_checksum_mismatch_fails_the_read_not_the_connection() -> None:
     s, c = _pair()
     _opened(s, c)
