@@ -8,7 +8,9 @@ exporter's stream is cut into frames (8-byte preamble, then 8-byte header
 and body, see lazypaged/peer_protocol.py) and forwarded frame by frame, so
 a :class:`Corruptor` can change one DATA frame and leave the rest alone. The
 relay always splits on the *original* lengths: a flip in a length field
-desynchronises the reader, not the relay.
+desynchronises the reader, not the relay. Each connection's role (urgent or
+bulk) is read from the reader's HELLO, so corruption can be aimed at the
+fill's reads only.
 
 DATA body: request id (u32), length (u32), offset (u64), checksum (16
 bytes), then the payload (raw bytes, or one zstd frame when the flags say
@@ -49,14 +51,14 @@ class Corruptor:
     """Decides, per DATA frame, whether and where to flip. Subclasses override
     :meth:`choose`; returning None leaves the frame alone."""
 
+    #: Only frames on connections of this role ("urgent", "bulk"); "": all.
+    role = ""
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.flips: list[Flip] = []
         self.data_frames = 0
         self.active = True
-
-    #: Only frames on connections of this role ("urgent", "bulk"); "": all.
-    role = ""
 
     def choose(self, offset: int, length: int, flags: int, frame_len: int) -> tuple[int, int] | None:
         raise NotImplementedError
