@@ -39,8 +39,8 @@ DEFAULT_BULK_WINDOW = 8 << 20
 #: CRIU's server tees everything from the start of its pipe buffer up to the
 #: end of the request for each GET, so big requests cost it less per byte
 #: (about 0.4 s of its CPU per GiB at 512 KiB, 0.15-0.3 s at 1-2 MiB; 2 MiB
-#: pulled 10-20% more than 1 MiB here, with the server at info level); 4 MiB
-#: brought nothing more, and requests stay well inside its 4 MiB pipes.
+#: pulled as fast as 1 MiB or up to 15% faster here); 4 MiB brought nothing
+#: more, and requests stay well inside its 4 MiB pipes.
 DEFAULT_MAX_REQUEST = 2 << 20
 #: Seconds to wait for the TCP connection to the page server.
 CONNECT_TIMEOUT = 10.0
