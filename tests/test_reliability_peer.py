@@ -362,7 +362,7 @@ def test_wait_policy_retry_never_counts_a_page_twice(loop: Loop) -> None:
     reader = loop.start(flips, "wait")
     rounds = []
     for k in range(10):
-        rc, res, err = _result(loop.target("img", "random", seed=k, timeout=15), timeout=60)
+        rc, res, err = _result(loop.target("img", "random", seed=k, timeout=10), timeout=60)
         _wait_for(lambda n=k: len(_named(reader.log_lines(), "session_ended")) > n, 15, "the session to end")
         end = _named(reader.log_lines(), "session_ended")[k]
         rounds.append({"rc": rc, "wrong_pages": res.get("wrong_pages"), "outcome": end["outcome"],
