@@ -34,9 +34,10 @@ from .common import BenchError, GroupResult, Options, Ratio, Row, log
 NAME = "criu"
 DESCRIPTION = "lazypaged vs `criu lazy-pages` restoring a real CRIU dump (local and remote)"
 KINDS = ("lazypaged", "criu")
-#: CRIU's default log level for every CRIU process and both daemons: per-page
-#: debug lines (the tests' ``-v4``) would slow what is measured.
-VERBOSITY = "-v2"
+#: Info level for every CRIU process and both daemons: per-page debug lines
+#: (the tests' ``-v4``) would slow what is measured, and the harness waits
+#: for the page server's info line "Starting page server".
+VERBOSITY = "-v3"
 #: Milliseconds the program idles between passes: the dump is taken right
 #: after a pass, while it idles, and a restored program starts its next pass
 #: at once (heapprog notices the restore), so the first pass after a restore
