@@ -345,13 +345,6 @@ def test_flips_that_persist_then_stop_wait_policy(loop: Loop) -> None:
     print(json.dumps({"policy": "wait", "flips": len(flips.flips), "wrong_pages": 0, "source_failed": len(failed)}))
 
 
-@pytest.mark.xfail(
-    strict=False,  # a race: most runs hit it within a few restores, not every one
-    reason="product bug: RestoreSession._retry_source (lazypaged/session.py) lists a failed range's missing runs "
-    "once, then awaits each run's fetch; pages of later runs that a fault installs meanwhile are marked "
-    "in flight again and their EEXIST counted as a second install. pages_missing goes wrong: the session "
-    "completes with pages still missing (the target then reads zeros) or never completes",
-)
 def test_wait_policy_retry_never_counts_a_page_twice(loop: Loop) -> None:
     """Only the fill's reads (the bulk connection) of most of the image are
     corrupted, so fill chunks fail for good and wait for their retry while
