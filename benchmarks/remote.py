@@ -8,7 +8,9 @@ run, interleaved run by run:
 * fill: a restore with no touches, accepted → complete (``target.py
   lp-fill``), against a plain TCP stream of the same bytes between the same
   namespaces (a minimal Python sender ``sendall``-ing from an mmap and a
-  receiver ``recv_into`` a reused buffer);
+  receiver ``recv_into`` a reused buffer), with the CPU seconds per GiB
+  each side spent (sender + receiver; A's and B's daemons): on a machine
+  with few cores the fill is bound by that CPU, not by the wire;
 * urgent faults: random 4 KiB touches with fault-around and fill off
   (``target.py lp-random``), on an idle link and while another restore's fill
   keeps the same peer connection pair saturated (``remote_helper.py load``);
@@ -25,7 +27,9 @@ fill runs over mutual TLS for reference.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,6 +59,20 @@ SLOW_TOUCHES = 300
 SLOW_RATE = "1gbit"
 SLOW_DELAY_MS = 2.5
 SLOW_MAX_MIB = 256
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a process has run, all threads (schedstat: time on a CPU, ns)."""
+    total = 0
+    for f in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(Path(f).read_text().split()[0])
+    return total / 1e9
+
+
+def _children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 class _Bench:
@@ -166,16 +184,26 @@ def run(opts: Options) -> GroupResult:
             b.daemon("a", "a-tls", snaps, f'[export]\nlisten = "{netns.ADDR_A}:{TLS_PORT}"\n{exports}{tls_a}', True)
             db = b.daemon("b", "b", snaps, "[remote]\ninsecure = true\n")
             dbt = b.daemon("b", "b-tls", snaps, f"[remote]\n{tls_b}")
-            b.helper("a", "send", "--listen", f"{netns.ADDR_A}:{TCP_PORT}", "--file", str(image))
+            sender = b.helper("a", "send", "--listen", f"{netns.ADDR_A}:{TCP_PORT}", "--file", str(image))
+            pids = [d.proc.pid for d in (b.daemons[0], db) if d.proc is not None]
             b.helper("a", "send", "--listen", f"{netns.ADDR_A}:{TCP_PORT + 1}", "--file", str(small))
             remote = f"peer://{netns.ADDR_A}:{PORT}/remote.img"
             remote_tls = f"peer://{netns.ADDR_A}:{TLS_PORT}/remote.img"
             touches = ("--count", str(min(RANDOM_TOUCHES, size // common.PAGE // 2)))
             for i in range(opts.runs):
                 log(opts, f"fast link, run {i + 1}/{opts.runs}")
+                # CPU seconds per GiB moved: on two cores the fill is bound by
+                # the daemons' CPU, not the wire; this shows by how much.
+                c0 = _cpu_s(sender.pid) + _children_cpu_s()
                 common.collect(s, "tcp_s", b.tcp(f"{netns.ADDR_A}:{TCP_PORT}", size))
+                common.collect(s, "tcp_cpu", (_cpu_s(sender.pid) + _children_cpu_s() - c0) / (size / GiB))
+                c1 = [_cpu_s(p) for p in pids]
                 r = b.target("lp-fill", image, size, db.socket, remote)
                 common.collect(s, "fill_s", r["ns"] / 1e9)
+                if len(pids) == 2:
+                    c2 = [_cpu_s(p) - c for p, c in zip(pids, c1, strict=True)]
+                    common.collect(s, "fill_cpu_a", c2[0] / (size / GiB))
+                    common.collect(s, "fill_cpu_b", c2[1] / (size / GiB))
                 r = b.target("lp-fill", image, size, dbt.socket, remote_tls)
                 common.collect(s, "fill_tls_s", r["ns"] / 1e9)
                 r = b.target("lp-random", image, size, db.socket, remote, *touches)
@@ -241,6 +269,10 @@ def _result(opts: Options, s: dict[str, list[float]], what: str, slow_size: int,
     rate("tcp_gibps", "plain TCP stream A→B (Python sendall / recv_into)", "tcp_s")
     rate("fill_gibps", "lazypaged fill from A, accepted → complete", "fill_s")
     rate("fill_tls_gibps", "lazypaged fill from A over mutual TLS", "fill_tls_s")
+    row("tcp_cpu", "plain TCP stream: CPU of sender + receiver", "s/GiB", "tcp_cpu", "CPU seconds per GiB")
+    if "fill_cpu_a" in s:
+        row("fill_cpu_a", "lazypaged fill: CPU of A's daemon (exporter)", "s/GiB", "fill_cpu_a", "CPU seconds per GiB")
+        row("fill_cpu_b", "lazypaged fill: CPU of B's daemon (reader)", "s/GiB", "fill_cpu_b", "CPU seconds per GiB")
     row("idle_us", "random 4 KiB fault from A, idle link", "µs", "idle_us", "mean")
     row("idle_p99_us", "random 4 KiB fault from A, idle link", "µs", "idle_p99_us", "p99")
     row("loaded_us", "random 4 KiB fault from A, fill saturating the link", "µs", "loaded_us", "mean")
