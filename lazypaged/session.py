@@ -59,7 +59,7 @@ from . import workingset
 from .config import SessionConfig, WorkingSetConfig
 from .memory_map import INFLIGHT, INFLIGHT_TO_MISSING, MISSING, PAGE, SETTLED, Mapping, Region, runs_of, subtract
 from .session_stats import Outcome, SessionStats
-from .sources import Extent, SourceError
+from .sources import Extent, PageSource, SourceError
 from .sources.raw import ZERO_CHECK_MAX, zeros_address
 from .uffd import abi
 from .uffd import ops as _ops
@@ -164,6 +164,11 @@ class RestoreSession:
         synchronous = all(r.source.synchronous for r in self.regions)
         self._poll_ns = cfg.fault_poll_us * 1000 if synchronous else 0
         self._counted = False  # in ``serving``
+        #: Regions whose source has a lane for faults ahead of its fill (it
+        #: overrides fetch_urgent): a fault on a page already being fetched
+        #: asks for it again there (see _fault). Pages so asked for:
+        self._urgent_lane = {id(r): type(r.source).fetch_urgent is not PageSource.fetch_urgent for r in self.regions}
+        self._promoted: set[tuple[int, int]] = set()
         self._fill_enabled = cfg.fill if fill is None else fill
         #: Fill waits for :meth:`start_fill` (CRIU: only after end-of-restore).
         self._fill_paused = fill_paused
@@ -512,10 +517,22 @@ class RestoreSession:
             else:
                 r.bitmap[i:j] = b"\x02" * (j - i)
                 self._spawn(self._fetch_install(r, i, j, fault=True))
-        # INFLIGHT: the fetch under way wakes this thread when it lands.
+        elif state == INFLIGHT and self._urgent_lane.get(id(r)) and (id(r), i) not in self._promoted:
+            # The page is on its way, perhaps in a fill read queued behind
+            # megabytes of other fill: ask for it on the urgent lane as well.
+            # Whichever lands first installs it; the other finds it settled.
+            self._promoted.add((id(r), i))
+            self._spawn(self._promote(r, i))
+        # Otherwise INFLIGHT: the fetch under way wakes this thread when it lands.
         ns = _now_ns() - t0
         st.fault_ns += ns
         st.latency_us_log2[min((ns // 1000).bit_length(), 31)] += 1
+
+    async def _promote(self, r: Region, i: int) -> None:
+        try:
+            await self._fetch_install(r, i, i + 1, fault=True)
+        finally:
+            self._promoted.discard((id(r), i))
 
     def _stray_fault(self, page: int) -> None:
         """A fault outside every mapping: memory the restorer registered

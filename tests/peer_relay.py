@@ -24,6 +24,7 @@ import random
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 import msgpack
@@ -123,6 +124,32 @@ class FlipRange(Corruptor):
         if flags == 0:  # raw: hit a byte of the range itself
             return PAYLOAD_AT + max(self.lo - offset, 0), 0x01
         return PAYLOAD_AT + (frame_len - PAYLOAD_AT) // 2, 0x01
+
+
+class StallBulk(Corruptor):
+    """Changes nothing: holds the first ``frames`` DATA frames of the bulk
+    connection for ``seconds`` each, as a link busy with megabytes of fill
+    would. Pages of those reads stay in flight meanwhile."""
+
+    role = "bulk"
+
+    def __init__(self, seconds: float, frames: int = 1) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.frames = frames
+        self.stalled = 0
+
+    def choose(self, offset: int, length: int, flags: int, frame_len: int) -> tuple[int, int] | None:
+        return None
+
+    def apply(self, frame: bytearray, role: str) -> None:
+        with self.lock:
+            self.data_frames += 1
+            hold = role == self.role and self.stalled < self.frames
+            if hold:
+                self.stalled += 1
+        if hold:
+            time.sleep(self.seconds)
 
 
 class FlipRandom(Corruptor):

@@ -22,6 +22,7 @@ import mmap
 import os
 import random
 import sys
+import time
 
 from lazypaged.client import HandoffError, map_anonymous, restore
 from lazypaged.handoff_protocol import RangeSpec, SessionOptions
@@ -68,6 +69,7 @@ def main() -> int:
     os.ftruncate(scratch, PAGE)
     wrong: list[int] = []
     poisoned: list[int] = []
+    t0 = time.monotonic()
     with open(args.image, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as img:
         for p in order:
             off = p * PAGE
@@ -80,6 +82,8 @@ def main() -> int:
                 continue
             if n != PAGE or os.pread(scratch, PAGE, 0) != img[off : off + PAGE]:
                 wrong.append(p)
+    # Every page read (and checked): how long the target itself took.
+    print(json.dumps({"read_s": round(time.monotonic() - t0, 3)}), flush=True)
     done = h.wait(timeout=args.timeout)
     print(json.dumps({"ok": not wrong, "wrong_pages": len(wrong), "first_wrong": wrong[:8],
                       "poisoned_pages": len(poisoned), "poisoned": runs(poisoned),

@@ -37,7 +37,7 @@ from lazypaged.demo import make_image
 from . import netns
 from .conftest import TARGET, DaemonHandle, _needs_root, finish, kill, start_daemon, stop_daemon
 from .peer_pair import free_port, make_pki, peer_url, start_exporter, start_reader
-from .peer_relay import Corruptor, FlipOnce, FlipRandom, FlipRange, Relay, field_of
+from .peer_relay import Corruptor, FlipOnce, FlipRandom, FlipRange, Relay, StallBulk, field_of
 
 HERE = Path(__file__).parent
 CHECK_TARGET = HERE / "poison_check_target.py"
@@ -230,6 +230,27 @@ def _result(proc: subprocess.Popen[str], timeout: float = 90) -> tuple[int, dict
         kill(proc)
     assert rc == 2 or not lines or lines[0].get("accepted"), lines
     return rc, (lines[-1] if len(lines) > 1 else {}), err
+
+
+def test_a_fault_on_a_page_held_in_a_stalled_fill_read_goes_urgent(loop: Loop) -> None:
+    """The fill's first read is held for 8 s on the bulk connection (a link
+    full of fill). The target touches those pages at once: each fault is
+    asked for again on the urgent connection and served in milliseconds,
+    instead of waiting behind the bulk read."""
+    hold = 8.0
+    stall = StallBulk(seconds=hold, frames=1)
+    loop.start(stall, "wait", stall=30.0)
+    proc = loop.target("img", "seq")
+    try:
+        rc, lines, err = finish(proc, 60)
+    finally:
+        kill(proc)
+    assert rc == 0, (lines, err[-2000:])
+    assert stall.stalled == 1, "the fill's read was never held"
+    read = [ln["read_s"] for ln in lines if "read_s" in ln]
+    assert read, lines
+    assert read[0] < hold / 2, (read, lines)
+    assert lines[-1]["wrong_pages"] == 0, lines[-1]
 
 
 @pytest.mark.parametrize("export", ["img", "img.lps"])
