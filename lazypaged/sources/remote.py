@@ -51,9 +51,18 @@ _MIN_BUFFER = 64 << 10
 #: Idle receive buffers kept for reuse (fresh ones page-fault their way in).
 _POOL_BYTES = 64 << 20
 _BACKOFF_START = 0.05
-#: Faulting threads count as active this long after their last urgent read
-#: completed: a thread that just faulted is likely to fault again soon.
+#: Faulting threads count as active this long after their last small urgent
+#: read completed: a thread that just faulted is likely to fault again soon.
 FAULT_LINGER = 0.005
+#: Urgent reads up to this size are latency-bound (scattered faults) and
+#: slow the fill down; bigger ones (fault-around windows of a thread walking
+#: through memory) do not: the fill running ahead of such a thread saves it
+#: faults, so it helps more than it delays.
+SMALL_URGENT = 64 << 10
+#: A bulk completion this close to the last urgent read is handed out at
+#: once even while faults are recent: the faulting thread is walking into
+#: that range, and may already wait for exactly this fill chunk.
+NEAR_URGENT = 8 << 20
 #: While they are active, bulk completions (each an install of up to a fill
 #: chunk, a millisecond or so of the loop) are handed out at most this often.
 BULK_GAP = 0.008
@@ -447,6 +456,9 @@ class _Link:
         p = self.sent.pop(ev.request_id, None)
         if p is not None and not p.future.done():
             if self.role == "urgent":
+                if p.length <= SMALL_URGENT:
+                    self.peer.urgent_done = asyncio.get_running_loop().time()
+                self.peer.urgent_at = (p.export, p.offset)
                 p.future.set_result(ev)
             else:
                 self._deliveries.append((p, ev))
@@ -475,12 +487,16 @@ class _Link:
         self._delivery_due = True
         loop = asyncio.get_running_loop()
         now = loop.time()
-        if now - self.peer.urgent_done < FAULT_LINGER:
+        if now - self.peer.urgent_done < FAULT_LINGER and not self._near_faults(self._deliveries[0][0]):
             at = max(now, self._last_delivery + BULK_GAP)
             if at > now:
                 loop.call_at(at, self._deliver_one)
                 return
         loop.call_soon(self._deliver_one)
+
+    def _near_faults(self, p: _Pending) -> bool:
+        export, offset = self.peer.urgent_at
+        return p.export is export and abs(p.offset - offset) <= NEAR_URGENT
 
     def _deliver_one(self) -> None:
         """Hand out one bulk completion per loop iteration.
@@ -587,8 +603,10 @@ class Peer:
         self._by_handle: dict[int, _ExportInfo] = {}
         #: Sent in HELLO on both links so the exporter can pair them.
         self.client_id = uuid.uuid4().hex
-        #: Loop time the last burst of urgent reads completed (see FAULT_LINGER).
+        #: Loop time the last small urgent read completed (see FAULT_LINGER).
         self.urgent_done = -1.0
+        #: Export and offset of the last urgent read that completed.
+        self.urgent_at: tuple[_ExportInfo | None, int] = (None, 0)
         self.urgent = _Link(self, "urgent")
         self.bulk = _Link(self, "bulk")
         self.refs = 0
@@ -620,10 +638,7 @@ class Peer:
     def prioritize(self) -> None:
         """Bulk waits while any urgent read is on the wire (reads queued for a
         link that is down do not count: the bulk link may still be up)."""
-        busy = bool(self.urgent.sent) and not self.urgent.closed
-        if not busy and self.bulk.held:
-            self.urgent_done = asyncio.get_running_loop().time()
-        self.bulk.hold(busy)
+        self.bulk.hold(bool(self.urgent.sent) and not self.urgent.closed)
 
     def _broken(self, info: _ExportInfo, message: str) -> None:
         info.broken = message
