@@ -1133,6 +1133,8 @@ class RestoreSession:
         if self._batch_hi:
             lo, hi = self._batch_lo, self._batch_hi
             self._batch_lo = self._batch_hi = 0
+            if self.uffd.closed:  # the session ended meanwhile: nobody left to wake
+                return
             with contextlib.suppress(_uffd.UffdError):
                 self.uffd.wake(lo, hi - lo)
 
