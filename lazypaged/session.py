@@ -395,7 +395,7 @@ class RestoreSession:
         after it is woken. Catching that fault here saves the sleep and
         wakeup (on a VM, an inter-processor interrupt) on both sides, which is
         a large part of a 4 KiB fault's latency. Only while this is the one
-        session served, and at most ``POLL_BUDGET`` at a time, so the fill,
+        session served, and at most ``POLL_BUDGET_NS`` at a time, so the fill,
         new handoffs and the control socket are never held up for long.
         """
         fd, poll_ns = self._fd, self._poll_ns
