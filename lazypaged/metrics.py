@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from . import __version__
 from .config import parse_host_port
 from .session import RestoreSession
+from .session_stats import SessionStats
 from .sessions import SessionTable
 
 #: Session kinds exported with zeros before any session of that kind ran.
@@ -73,6 +74,19 @@ class KindTotals:
     duration_sum: float = 0.0
     completed: int = 0
 
+    def add(self, st: SessionStats) -> None:
+        """Add one session's counters (live or finished alike)."""
+        self.faults += st.faults
+        self.bytes_copied += st.bytes_copied
+        self.bytes_zero += st.bytes_zero
+        self.bytes_fault += st.bytes_fault
+        self.bytes_fill += st.bytes_fill
+        self.fault_ns += st.fault_ns
+        self.source_errors += st.source_errors
+        self.bytes_poisoned += st.bytes_poisoned
+        for k, n in enumerate(st.latency_us_log2):
+            self.latency[min(k, len(self.latency) - 1)] += n
+
 
 class FinishedTotals:
     """What finished sessions leave behind; fed by the session table's hook."""
@@ -83,16 +97,7 @@ class FinishedTotals:
     def record(self, s: RestoreSession) -> None:
         t = self.by_kind.setdefault(s.kind, KindTotals())
         st = s.stats
-        t.faults += st.faults
-        t.bytes_copied += st.bytes_copied
-        t.bytes_zero += st.bytes_zero
-        t.bytes_fault += st.bytes_fault
-        t.bytes_fill += st.bytes_fill
-        t.fault_ns += st.fault_ns
-        t.source_errors += st.source_errors
-        t.bytes_poisoned += st.bytes_poisoned
-        for k, n in enumerate(st.latency_us_log2):
-            t.latency[min(k, len(t.latency) - 1)] += n
+        t.add(st)
         outcome = s.outcome
         t.outcomes[outcome.state if outcome else "abandoned"] += 1
         if outcome is not None and outcome.state == "failed":
@@ -125,18 +130,8 @@ class SessionCollector(Collector):
         states: Counter[tuple[str, str]] = Counter()
         remaining: Counter[str] = Counter()
         for s in self.sessions:
-            t = live.setdefault(s.kind, KindTotals())
             st = s.stats
-            t.faults += st.faults
-            t.bytes_copied += st.bytes_copied
-            t.bytes_zero += st.bytes_zero
-            t.bytes_fault += st.bytes_fault
-            t.bytes_fill += st.bytes_fill
-            t.fault_ns += st.fault_ns
-            t.source_errors += st.source_errors
-            t.bytes_poisoned += st.bytes_poisoned
-            for k, n in enumerate(st.latency_us_log2):
-                t.latency[min(k, len(t.latency) - 1)] += n
+            live.setdefault(s.kind, KindTotals()).add(st)
             states[s.kind, s.state] += 1
             remaining[s.kind] += st.pages_missing
         kinds = sorted(set(self.finished.by_kind) | set(live))

@@ -376,17 +376,20 @@ class RestoreSession:
             self._fail("uffd_read", f"reading the userfaultfd failed: {e}")
             return
         try:
-            if len(data) == _MSG_SIZE and data[0] == _FAULT:
-                # One fault per wakeup is the common case when a thread waits
-                # on each: skip the batch decoding.
-                self._fault(_FAULT_ADDRESS.unpack_from(data, _FAULT_ADDRESS_AT)[0])
-            else:
-                self._handle(data)
-            self._check_complete()
+            self._dispatch(data)
             if self._poll_ns and RestoreSession.serving == 1 and self.outcome is None:
                 self._poll_for_faults()
         except Exception as e:
             self._handle_error(e)
+
+    def _dispatch(self, data: bytes) -> None:
+        if len(data) == _MSG_SIZE and data[0] == _FAULT:
+            # One fault per read is the common case when a thread waits on
+            # each: skip the batch decoding.
+            self._fault(_FAULT_ADDRESS.unpack_from(data, _FAULT_ADDRESS_AT)[0])
+        else:
+            self._handle(data)
+        self._check_complete()
 
     def _poll_for_faults(self) -> None:
         """Keep reading the uffd for a short while before sleeping in the loop.
@@ -407,11 +410,7 @@ class RestoreSession:
             except BlockingIOError:
                 now = _now_ns()
                 continue
-            if len(data) == _MSG_SIZE and data[0] == _FAULT:
-                self._fault(_FAULT_ADDRESS.unpack_from(data, _FAULT_ADDRESS_AT)[0])
-            else:
-                self._handle(data)
-            self._check_complete()
+            self._dispatch(data)
             if self.outcome is not None:
                 return
             now = _now_ns()
