@@ -118,6 +118,7 @@ def build_c() -> dict[str, Path]:
     return {
         "touch": _build_one(C_DIR / "touch.c", BUILD / "libtouch.so", ["-shared", "-fPIC"]),
         "handler": _build_one(C_DIR / "handler.c", BUILD / "chandler", []),
+        "receiver": _build_one(C_DIR / "receiver.c", BUILD / "creceiver", ["-pthread"]),
     }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import mmap
 import signal
@@ -123,7 +124,7 @@ async def _relay(pairs: list[tuple[str, str]], delay: float) -> None:
     servers = []
     for listen, target in pairs:
         host, port = _addr(listen)
-        servers.append(await asyncio.start_server(lambda r, w, t=target: handle(t, r, w), host, port))
+        servers.append(await asyncio.start_server(functools.partial(handle, target), host, port))
     print(json.dumps({"relaying": pairs}), flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

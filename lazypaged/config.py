@@ -215,9 +215,10 @@ class RemoteConfig:
     #: Reconnect backoff doubles from 50 ms up to this many seconds.
     backoff_max: float = 1.0
     #: Receive buffer of bulk connections, in bytes (0: kernel autotuning).
-    #: Bulk data in flight is what an urgent reply can queue behind; the
-    #: window also caps bulk throughput at window ÷ round trip.
-    bulk_window: int = 512 << 10
+    #: It caps bulk throughput at window ÷ round trip; urgent replies travel
+    #: on their own connection, and the reader stops taking bulk bytes while
+    #: one is awaited, so a bigger window costs faults little.
+    bulk_window: int = 4 << 20
 
     def check(self) -> None:
         from .peer_tls import check_remote

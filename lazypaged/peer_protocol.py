@@ -484,12 +484,18 @@ class _Connection:
             self._start, self._end = 0, n
         return self._view[self._end :]
 
-    def buffer_updated(self, n: int) -> None:
-        """``n`` bytes were written into the last :meth:`get_buffer`."""
+    def buffer_updated(self, n: int) -> bool:
+        """``n`` bytes were written into the last :meth:`get_buffer`.
+
+        False while they only extend a payload that is still incomplete:
+        then :meth:`next_event` would only say ``NEED_DATA``, and a caller
+        receiving a megabyte in a few hundred kilobytes at a time may skip it.
+        """
         if self._target is not None and self._start == self._end:
             self._target_pos += n
-        else:
-            self._end += n
+            return self._target_pos >= len(self._target) or bool(self._inbox)
+        self._end += n
+        return True
 
     def _pull_inbox(self) -> None:
         while self._inbox:

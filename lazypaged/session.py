@@ -1173,7 +1173,7 @@ class RestoreSession:
         # The first chunks are small and double up to fill_chunk: the target's
         # first faults come right after the handoff, and a fault never waits
         # for more than the chunk being copied.
-        chunk = self._fill_step = min(self._fill_step << 1, self.cfg.fill_chunk)
+        chunk = self._fill_step = min(self._fill_step << 1, self.cfg.fill_chunk, r.source.fill_read or 1 << 62)
         j = min(i + max(1, chunk >> r.shift), r.npages)
         for other in (SETTLED, INFLIGHT):
             k = r.bitmap.find(other, i, j)

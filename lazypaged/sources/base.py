@@ -41,6 +41,9 @@ class PageSource(ABC):
     path: str | None = None
     size: int
     synchronous: bool = True
+    #: Largest background read that suits the source, in bytes (0: the
+    #: session's ``fill_chunk``).
+    fill_read: int = 0
 
     @abstractmethod
     def extents(self, offset: int, length: int) -> list[Extent]:
