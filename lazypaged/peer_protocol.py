@@ -24,7 +24,9 @@ Rules of this file:
 * The client core never hands out bytes it has not verified: a read
   completes (:class:`ReadDone`) only when every DATA frame of it arrived in
   order, decompressed to exactly its length and matched its checksum
-  (xxh3-128, the snapshot format's chunk checksum).
+  (xxh3-128, the snapshot format's chunk checksum). A *streamed* read hands
+  out each frame as :class:`ReadPiece` once that frame is verified, in one
+  reused buffer, so its bytes can be used while still in the CPU's cache.
 
 ``docs/peer-protocol.md`` is the prose version; keep the two in step.
 """
@@ -312,6 +314,22 @@ class ReadDone:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadPiece:
+    """Client side: one verified frame of a streamed read.
+
+    ``length`` bytes at source ``offset``: zeros if ``buffer`` is None, else
+    the first ``length`` bytes of ``buffer``. That buffer is reused for the
+    next frame: it is valid only until the next call of ``next_event``. The
+    read still ends with a :class:`ReadDone` (no buffer, no runs) or a
+    :class:`ReadFailed`; pieces handed out before a failure were verified."""
+
+    request_id: int
+    offset: int
+    length: int
+    buffer: Buffer | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReadFailed:
     """Client side: read ``request_id`` was refused, or its data failed verification."""
 
@@ -330,7 +348,7 @@ class Pong:
 
 
 ServerEvent = Hello | Open | Read | ReadRefused
-ClientEvent = Welcome | PeerError | Opened | OpenFailed | ReadDone | ReadFailed | Pong
+ClientEvent = Welcome | PeerError | Opened | OpenFailed | ReadDone | ReadPiece | ReadFailed | Pong
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -846,6 +864,7 @@ class _Reading:
     buffer: Buffer | None = None
     runs: list[Run] = field(default_factory=list)
     failed: bool = False
+    stream: bool = False
 
 
 @dataclass(slots=True)
@@ -887,6 +906,7 @@ class ClientConnection(_Connection):
         self._incoming: _Incoming | None = None
         self._dctx: zstandard.ZstdDecompressor | None = None
         self._zbuf = bytearray()
+        self._piece: Buffer | None = None  # streamed reads' frames land here, one at a time
         self._hello = Hello(versions, role, encodings, agent, client)
         self._out += [PREAMBLE, encode_hello(self._hello)]
 
@@ -908,8 +928,9 @@ class ClientConnection(_Connection):
             raise LocalProtocolError(f"export name must be 1…{MAX_NAME} bytes")
         self._out.append(_frame(FrameType.OPEN, _OPEN.pack(handle) + raw))
 
-    def read(self, handle: int, offset: int, length: int) -> int:
-        """Queue a READ; returns its request id."""
+    def read(self, handle: int, offset: int, length: int, *, stream: bool = False) -> int:
+        """Queue a READ; returns its request id. ``stream``: hand out each
+        verified frame as a :class:`ReadPiece` (see there)."""
         w = self._ready()
         if not 0 < length <= w.max_read:
             raise LocalProtocolError(f"read length {length} outside 1…{w.max_read}")
@@ -921,7 +942,7 @@ class ClientConnection(_Connection):
         while rid in self._reads or rid == 0:
             rid = (rid + 1) & _U32
         self._next_id = (rid + 1) & _U32
-        self._reads[rid] = _Reading(offset, length, offset)
+        self._reads[rid] = _Reading(offset, length, offset, stream=stream)
         self._out.append(_frame(FrameType.READ, _READ.pack(rid, handle, offset, length, 0)))
         return rid
 
@@ -1031,6 +1052,10 @@ class ClientConnection(_Connection):
             self._set_target(self._slice(r, offset, length))
 
     def _slice(self, r: _Reading, offset: int, length: int) -> memoryview:
+        if r.stream:
+            if self._piece is None or len(self._piece.view) < length:
+                self._piece = self._alloc(max(length, BULK_FRAME))
+            return self._piece.view[:length]
         if r.buffer is None:
             r.buffer = self._alloc(r.length)
         start = offset - r.offset
@@ -1046,6 +1071,9 @@ class ClientConnection(_Connection):
             if problem:
                 r.failed = True
                 self._events.append(ReadFailed(inc.rid, ErrorCode.CORRUPT, problem))
+            elif r.stream:
+                piece = None if inc.flags == DATA_ZERO else self._piece
+                self._events.append(ReadPiece(inc.rid, inc.offset, inc.length, piece))
             else:
                 zero = inc.flags == DATA_ZERO
                 rel = inc.offset - r.offset

@@ -45,6 +45,7 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import signal
 import struct
@@ -707,9 +708,15 @@ class RestoreSession:
         return out
 
     async def _fetch_install(self, r: Region, i: int, j: int, *, fault: bool) -> None:
-        fetch = r.source.fetch_urgent if fault else r.source.fetch
+        off, n = r.offset + (i << r.shift), (j - i) << r.shift
         try:
-            extents = await fetch(r.offset + (i << r.shift), (j - i) << r.shift)
+            if fault:
+                extents = await r.source.fetch_urgent(off, n)
+            elif await r.source.fetch_into(off, n, functools.partial(self._fill_piece, r)):
+                self._check_complete()
+                return
+            else:  # pieces the stream could not hand over: read what is still missing plainly
+                extents = await r.source.fetch(off, n)
         except SourceError as e:
             if self.outcome is None:
                 self._source_failed(r, i, j, e, INFLIGHT)
@@ -728,6 +735,26 @@ class RestoreSession:
         else:
             st.bytes_fill += done
         self._check_complete()
+
+    def _fill_piece(self, r: Region, extents: list[Extent]) -> None:
+        """Install a verified piece of a background read as it arrives.
+
+        Called from the source's receive path, whose buffer is reused for the
+        next piece: so the install happens now, and nothing may escape.
+        """
+        if self.outcome is not None:
+            return
+        st = self.stats
+        before = st.bytes_copied + st.bytes_zero
+        try:
+            self._install_extents(r, extents, INFLIGHT)
+        except SourceError as e:
+            a = (extents[0].offset - r.offset) >> r.shift
+            b = (extents[-1].offset + extents[-1].length - r.offset) >> r.shift
+            self._source_failed(r, a, b, e, INFLIGHT)
+        except Exception as e:
+            self._handle_error(e)
+        st.bytes_fill += st.bytes_copied + st.bytes_zero - before
 
     def _copy_run(self, r: Region, m: Mapping, i: int, j: int, src: int) -> None:
         """Install missing pages [i, j) of ``r``, all inside ``m``, from ``src``.
@@ -1173,7 +1200,7 @@ class RestoreSession:
         # The first chunks are small and double up to fill_chunk: the target's
         # first faults come right after the handoff, and a fault never waits
         # for more than the chunk being copied.
-        chunk = self._fill_step = min(self._fill_step << 1, self.cfg.fill_chunk, r.source.fill_read or 1 << 62)
+        chunk = self._fill_step = min(self._fill_step << 1, r.source.fill_read or self.cfg.fill_chunk)
         j = min(i + max(1, chunk >> r.shift), r.npages)
         for other in (SETTLED, INFLIGHT):
             k = r.bitmap.find(other, i, j)

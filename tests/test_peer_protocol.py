@@ -135,6 +135,66 @@ def test_bulk_frames_are_bigger_and_bounded() -> None:
     assert bytes(done.buffer.view) == payload
 
 
+def test_streamed_read_hands_out_each_verified_frame_in_one_buffer() -> None:
+    s, c = _pair()
+    _opened(s, c, 8 << 20)
+    n = 2 * pp.BULK_FRAME
+    rid = c.read(7, 4096, n + 2 * 4096, stream=True)
+    _to_server(c, s)
+    payload = bytes((i * 13) & 0xFF for i in range(n))
+    s.send_data(rid, payload[:4096])
+    s.send_zero(rid, 4096)
+    s.send_data(rid, payload[4096:], frame=pp.BULK_FRAME)
+    s.send_data(rid, payload[:4096])
+    c.receive_data(_wire(s.data_to_send()))
+    got: list[tuple[int, int, bytes | None]] = []
+    buffers = set()
+    while True:
+        ev = c.next_event()
+        if isinstance(ev, pp.ReadPiece):
+            # The buffer is only valid until the next call: copy it now.
+            data = None if ev.buffer is None else bytes(ev.buffer.view[: ev.length])
+            if ev.buffer is not None:
+                buffers.add(id(ev.buffer))
+            got.append((ev.offset, ev.length, data))
+            continue
+        break
+    assert isinstance(ev, pp.ReadDone)
+    assert ev.buffer is None
+    assert ev.runs == ()
+    assert [(o, k) for o, k, _ in got] == [
+        (4096, 4096),
+        (8192, 4096),
+        (12288, pp.BULK_FRAME),
+        (12288 + pp.BULK_FRAME, pp.BULK_FRAME - 4096),
+        (8192 + n, 4096),
+    ]
+    assert got[1][2] is None  # the zero frame carries no bytes
+    assert b"".join(d for _, _, d in got if d is not None) == payload + payload[:4096]
+    assert len(buffers) == 1  # every frame landed in the same buffer
+
+
+def test_streamed_read_stops_at_a_corrupt_frame() -> None:
+    s, c = _pair()
+    _opened(s, c)
+    rid = c.read(7, 0, 3 * 4096, stream=True)
+    _to_server(c, s)
+    s.send_data(rid, b"\1" * 4096)
+    s.send_data(rid, b"\2" * 4096)
+    s.send_data(rid, b"\3" * 4096)
+    wire = bytearray(_wire(s.data_to_send()))
+    frame = 8 + 32 + 4096
+    wire[2 * frame - 1] ^= 0x01  # the second frame's last byte
+    c.receive_data(bytes(wire))
+    first, failed = _events(c)
+    assert isinstance(first, pp.ReadPiece)
+    assert first.offset == 0
+    assert first.length == 4096
+    assert isinstance(failed, pp.ReadFailed)
+    assert failed.code == pp.ErrorCode.CORRUPT
+    assert c.inflight == 0
+
+
 def test_checksum_mismatch_fails_the_read_not_the_connection() -> None:
     s, c = _pair()
     _opened(s, c)

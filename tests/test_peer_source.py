@@ -120,6 +120,86 @@ async def test_remote_reads_match_the_image(setup: Setup, export: str) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("export", ["img", "img.snap", "img zstd"])
+async def test_streamed_reads_hand_over_every_piece(setup: Setup, export: str) -> None:
+    """fetch_into: each verified frame to the sink as it arrives, in order,
+    whole pages, from one reused buffer; together exactly the image."""
+    url, server, reg = setup.url.replace("/img", f"/{export.split()[0]}"), None, None
+    if export.endswith("zstd"):
+        server, reg = await _serve(
+            setup.snaps, ExportConfig(listen="127.0.0.1:0", snapshots=(Path("img"),), compress_level=1)
+        )
+        host, port = server.address
+        url = f"peer://{host}:{port}/img"
+    pool = PeerPool(RemoteConfig())
+    try:
+        src = await pool.acquire_async(url)
+        for off, n in [(0, 4 * MiB), (5 * PAGE, MiB + 3 * PAGE)]:
+            pieces: list[Extent] = []
+            got = bytearray()
+
+            def sink(extents: list[Extent], pieces: list[Extent] = pieces, got: bytearray = got) -> None:
+                for e in extents:
+                    assert e.offset % PAGE == 0
+                    assert e.length % PAGE == 0
+                    pieces.append(e)
+                    got.extend(_read([e], e.offset, e.length))  # copied now: the buffer is reused
+
+            assert await src.fetch_into(off, n, sink)
+            assert [p.offset for p in pieces] == sorted(p.offset for p in pieces)
+            assert pieces[0].offset == off
+            assert sum(p.length for p in pieces) == n
+            assert bytes(got) == setup.image[off : off + n]
+            assert len(pieces) > 1
+            assert len({p.address for p in pieces if p.address}) == 1
+    finally:
+        pool.close()
+        if server is not None and reg is not None:
+            await _stop(server, reg)
+
+
+async def _odd_exporter(image: bytes) -> asyncio.Server:
+    """The real protocol core serving ``image``, but framing every read at an
+    odd boundary (1000 bytes, then the rest): the protocol allows any frame
+    length, and such pieces cannot be installed as they arrive."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conn = pp.ServerConnection()
+        try:
+            while data := await r.read(1 << 16):
+                conn.receive_data(data)
+                while (ev := conn.next_event()) is not pp.NEED_DATA and ev is not pp.CLOSED:
+                    if isinstance(ev, pp.Open):
+                        conn.opened(ev.handle, len(image), b"odd framing 0001")
+                    elif isinstance(ev, pp.Read):
+                        chunk = image[ev.offset : ev.offset + ev.length]
+                        conn.send_data(ev.request_id, chunk[:1000])
+                        conn.send_data(ev.request_id, chunk[1000:])
+                w.writelines(conn.data_to_send())
+        finally:
+            w.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.asyncio
+async def test_stream_of_odd_frames_falls_back_to_plain_reads(setup: Setup) -> None:
+    server = await _odd_exporter(setup.image)
+    pool = PeerPool(RemoteConfig())
+    try:
+        port = server.sockets[0].getsockname()[1]
+        src = await pool.acquire_async(f"peer://127.0.0.1:{port}/odd")
+        handed: list[int] = []
+        off, n = 3 * PAGE, 5 * PAGE
+        assert not await src.fetch_into(off, n, lambda extents: handed.extend(e.offset for e in extents))
+        assert handed == []  # neither piece covers whole pages
+        assert _read(await src.fetch(off, n), off, n) == setup.image[off : off + n]
+    finally:
+        pool.close()
+        server.close()
+
+
+@pytest.mark.asyncio
 async def test_bulk_waits_while_urgent_reads_are_on_the_wire(setup: Setup) -> None:
     pool = PeerPool(RemoteConfig(stall_timeout=0.4))
     try:

@@ -10,6 +10,7 @@ in a pool) set ``synchronous = False`` and implement :meth:`fetch`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -41,8 +42,9 @@ class PageSource(ABC):
     path: str | None = None
     size: int
     synchronous: bool = True
-    #: Largest background read that suits the source, in bytes (0: the
-    #: session's ``fill_chunk``).
+    #: Bytes per background read, if the source knows better than the
+    #: session's ``fill_chunk`` (0: it does not). A streamed source installs
+    #: each piece as it arrives, so its reads can be bigger than a copy.
     fill_read: int = 0
 
     @abstractmethod
@@ -52,6 +54,14 @@ class PageSource(ABC):
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         """Like :meth:`extents`, for sources that must wait (background fill)."""
         return self.extents(offset, length)
+
+    async def fetch_into(self, offset: int, length: int, sink: Callable[[list[Extent]], None]) -> bool:
+        """A background read handed to ``sink`` piece by piece as it arrives
+        (the extents' memory is only valid during the call). True when every
+        piece was handed over; False tells the caller to read what is still
+        missing with :meth:`fetch`."""
+        sink(await self.fetch(offset, length))
+        return True
 
     async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
         """:meth:`fetch` for a faulting thread: a source with queues (a remote

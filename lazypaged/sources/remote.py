@@ -34,6 +34,7 @@ import socket
 import ssl
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -137,6 +138,10 @@ class _Pending:
     length: int
     future: asyncio.Future[pp.ReadDone]
     attempts: int = 0
+    #: Streamed reads: called with each verified piece as it arrives.
+    sink: Callable[[list[Extent]], None] | None = None
+    #: A piece could not be handed to ``sink`` (not whole pages).
+    partial: bool = False
 
 
 class _Permanent(Exception):
@@ -235,7 +240,9 @@ class _LinkProtocol(asyncio.BufferedProtocol):
 
     def _handle(self, ev: object) -> None:
         link = self.link
-        if isinstance(ev, pp.ReadDone):
+        if isinstance(ev, pp.ReadPiece):
+            link._piece(ev)
+        elif isinstance(ev, pp.ReadDone):
             link._done(ev)
         elif isinstance(ev, pp.ReadFailed):
             link._failed(ev)
@@ -286,16 +293,24 @@ class _Link:
         self._last_delivery = 0.0
         #: Bulk only: a faulting thread waits on the urgent link (see :meth:`hold`).
         self.held = False
+        #: Bulk only: not reading for a moment after a streamed piece (see :meth:`_piece`).
+        self._gap: asyncio.TimerHandle | None = None
 
-    async def read(self, export: _ExportInfo, offset: int, length: int) -> pp.ReadDone:
+    async def read(
+        self, export: _ExportInfo, offset: int, length: int, sink: Callable[[list[Extent]], None] | None = None
+    ) -> _Pending:
+        """Read [offset, offset+length) of ``export``; the completed
+        request (its future holds the :class:`pp.ReadDone`)."""
         if export.broken:
             raise SourceError(export.broken)
         if self.closed:
             raise SourceError(f"{self.peer.label}: source closed")
         fut: asyncio.Future[pp.ReadDone] = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(export, offset, length, fut))
+        p = _Pending(export, offset, length, fut, sink=sink)
+        self.queue.append(p)
         self._pump()
-        return await fut
+        await fut
+        return p
 
     def warm(self) -> None:
         """Connect now (no read waiting yet), so the first fault does not pay for it."""
@@ -324,7 +339,7 @@ class _Link:
                 conn.open(p.export.handle, p.export.name)
                 proto.opened.add(p.export.handle)
             try:
-                rid = conn.read(p.export.handle, p.offset, p.length)
+                rid = conn.read(p.export.handle, p.offset, p.length, stream=p.sink is not None)
             except pp.LocalProtocolError as e:
                 _fail(p, f"{self.peer.label}: {e}")
                 continue
@@ -369,7 +384,7 @@ class _Link:
                     delay = min(delay * 2, cfg.backoff_max)
                     continue
                 self.proto = proto
-                if self.held:
+                if self.paused:
                     proto.hold(True)
                 self.connects += 1
                 self.log.info(
@@ -452,10 +467,49 @@ class _Link:
             self.down_since = asyncio.get_running_loop().time()
             self._ensure_connecting()
 
+    def _piece(self, ev: pp.ReadPiece) -> None:
+        """Hand a verified piece of a streamed read to its sink, now: its
+        bytes are reused for the next frame. Pieces that are not whole pages
+        cannot be installed as they are; the reader fetches those again
+        plainly (``partial``).
+
+        While faults are recent, the bulk socket then rests for ``BULK_GAP``
+        (as completions are spaced for plain reads, see :meth:`_schedule_delivery`),
+        unless the faulting thread is walking into this range."""
+        p = self.sent.get(ev.request_id)
+        if p is None or p.future.done() or p.sink is None:
+            return
+        if ev.offset % _PAGE or ev.length % _PAGE:
+            p.partial = True
+            return
+        if ev.buffer is None:
+            p.sink([Extent(ev.offset, ev.length, 0)])
+        else:
+            p.sink([Extent(ev.offset, ev.length, _address(ev.buffer), ev.buffer)])
+        loop = asyncio.get_running_loop()
+        if loop.time() - self.peer.urgent_done < FAULT_LINGER and not self._near_faults(p) and self._gap is None:
+            self._gap = loop.call_later(BULK_GAP, self._gap_over)
+            self._apply_hold()
+
+    def _gap_over(self) -> None:
+        self._gap = None
+        self._apply_hold()
+
+    @property
+    def paused(self) -> bool:
+        """Not reading on purpose (an urgent read awaited, or a gap)."""
+        return self.held or self._gap is not None
+
+    def _apply_hold(self) -> None:
+        if self.proto is not None:
+            self.proto.hold(self.paused)
+
     def _done(self, ev: pp.ReadDone) -> None:
         p = self.sent.pop(ev.request_id, None)
         if p is not None and not p.future.done():
-            if self.role == "urgent":
+            if p.sink is not None:  # streamed: its pieces are in already
+                p.future.set_result(ev)
+            elif self.role == "urgent":
                 if p.length <= SMALL_URGENT:
                     self.peer.urgent_done = asyncio.get_running_loop().time()
                 self.peer.urgent_at = (p.export, p.offset)
@@ -477,8 +531,7 @@ class _Link:
         if on == self.held:
             return
         self.held = on
-        if self.proto is not None:
-            self.proto.hold(on)
+        self._apply_hold()
         self._schedule_delivery()
 
     def _schedule_delivery(self) -> None:
@@ -555,7 +608,7 @@ class _Link:
         proto = self.proto
         if proto is None or not self.sent:
             return
-        if self.held:  # not reading on purpose; the clock restarts when released
+        if self.paused:  # not reading on purpose; the clock restarts when released
             self._arm()
             return
         idle = asyncio.get_running_loop().time() - proto.last_rx
@@ -573,6 +626,9 @@ class _Link:
     def close(self) -> None:
         self.closed = True
         self._disarm()
+        if self._gap is not None:
+            self._gap.cancel()
+            self._gap = None
         if self.connector is not None:
             self.connector.cancel()
         self._fail_all(f"{self.peer.label}: source closed")
@@ -754,10 +810,9 @@ class RemoteSource(PageSource):
     """An export of a peer, read over the peer's shared links."""
 
     synchronous = False
-    #: One bulk frame per fill read: its bytes are copied in right after they
-    #: arrive, while they are still in the CPU's cache. 2 MiB reads cost the
-    #: reader ~10% more CPU per GiB on the benchmark VM.
-    fill_read = pp.BULK_FRAME
+    #: Fill reads are streamed (:meth:`fetch_into`), so their size only sets
+    #: how many requests the fill makes.
+    fill_read = READ_PIECE
 
     def __init__(self, peer: Peer, export: _ExportInfo, url: str) -> None:
         self.peer = peer
@@ -774,12 +829,25 @@ class RemoteSource(PageSource):
     async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
         return await self._get(self.peer.urgent, offset, length)
 
+    async def fetch_into(self, offset: int, length: int, sink: Callable[[list[Extent]], None]) -> bool:
+        """Stream a bulk read: each frame goes to ``sink`` as soon as it is
+        verified, from one reused buffer, so it is copied in while still in
+        the CPU's cache (the reader's CPU, not the wire, bounds the fill on
+        a fast link). False if a piece could not be handed over (it did not
+        cover whole pages): the caller reads what is still missing plainly."""
+        self.check_range(offset, length)
+        whole = True
+        for o in range(offset, offset + length, READ_PIECE):
+            p = await self.peer.bulk.read(self.export, o, min(READ_PIECE, offset + length - o), sink)
+            whole = whole and not p.partial
+        return whole
+
     async def _get(self, link: _Link, offset: int, length: int) -> list[Extent]:
         self.check_range(offset, length)
         if length == 0:
             return []
         if length <= READ_PIECE:
-            return _extents(await link.read(self.export, offset, length))
+            return _extents((await link.read(self.export, offset, length)).future.result())
         parts = await asyncio.gather(
             *(
                 link.read(self.export, o, min(READ_PIECE, offset + length - o))
@@ -787,8 +855,8 @@ class RemoteSource(PageSource):
             )
         )
         out: list[Extent] = []
-        for done in parts:
-            out += _extents(done)
+        for p in parts:
+            out += _extents(p.future.result())
         return out
 
     def close(self) -> None:
