@@ -79,6 +79,10 @@ MAX_FDS = 4
 _MAX_ERROR_TEXT = 2048
 
 
+class _Probe(Exception):
+    """The client connected and closed without sending anything."""
+
+
 class HandoffServer:
     def __init__(self, cfg: Config, registry: SourceRegistry, sessions: SessionTable) -> None:
         self.cfg = cfg
@@ -236,6 +240,11 @@ class HandoffServer:
             finally:
                 if fd >= 0:
                     os.close(fd)
+        except _Probe:
+            # Connected and closed without a byte: a readiness or health
+            # check, not a restorer. Nobody to answer, nothing to warn about.
+            log.debug("handoff_probe")
+            return None
         except TimeoutError:
             code, text = "timeout", f"no complete request within {self.cfg.request_timeout} s of connecting"
         except (hp.ProtocolError, Refused) as e:
@@ -265,9 +274,13 @@ class HandoffServer:
     async def _read_request(self, conn: socket.socket) -> tuple[hp.RestoreRequest, int]:
         decoder = hp.FrameDecoder(self.cfg.max_message_bytes)
         fds: list[int] = []
+        first = True
         try:
             while True:
                 data, got = await recv_fds(conn, 65536, MAX_FDS)
+                if not data and not got and first:
+                    raise _Probe
+                first = False
                 fds += got
                 if not data:
                     raise hp.RemoteProtocolError("connection closed before a complete request")

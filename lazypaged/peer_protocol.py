@@ -34,6 +34,7 @@ Rules of this file:
 from __future__ import annotations
 
 import enum
+import functools
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -90,7 +91,14 @@ MAX_HANDLES: Final = 1024
 #: Receive scratch: room for a whole control frame plus many small frames.
 _SCRATCH: Final = MAX_CONTROL + 2 * HEADER_SIZE
 _U32: Final = (1 << 32) - 1
-_ZERO_SUM: Final = bytes(16)
+
+
+@functools.lru_cache(maxsize=32)
+def zero_digest(length: int) -> bytes:
+    """The checksum a ZERO frame carries: that of ``length`` zero bytes. It
+    guards the one field of such a frame nothing else checks, its length: a
+    damaged length would otherwise mark pages zero that are not."""
+    return checksum(bytes(length))
 
 
 class FrameType(enum.IntEnum):
@@ -811,7 +819,7 @@ class ServerConnection(_Connection):
         while length:
             n = min(length, MAX_DATA)
             r = self._serving(rid, n)
-            self._out.append(_frame(FrameType.DATA, _DATA.pack(rid, n, r.cursor, _ZERO_SUM), DATA_ZERO))
+            self._out.append(_frame(FrameType.DATA, _DATA.pack(rid, n, r.cursor, zero_digest(n)), DATA_ZERO))
             self._advance(rid, r, n)
             length -= n
 
@@ -1088,6 +1096,8 @@ class ClientConnection(_Connection):
 
     def _verify(self, r: _Reading, inc: _Incoming) -> str:
         if inc.flags == DATA_ZERO:
+            if inc.digest != zero_digest(inc.length):
+                return f"zero DATA for {inc.offset:#x}+{inc.length:#x}: checksum mismatch (the length was damaged)"
             return ""
         dst = self._slice(r, inc.offset, inc.length)
         where = f"DATA for {inc.offset:#x}+{inc.length:#x}"

@@ -680,6 +680,18 @@ def test_bad_client_is_refused_and_daemon_keeps_serving(shared: DaemonHandle, fd
     assert_fds_back_to(shared, fd_baseline)
 
 
+def test_connect_and_close_is_a_probe_not_a_refusal(shared: DaemonHandle, fd_baseline: list[str]) -> None:
+    """What readiness and health checks do: connect, close. No warning, no
+    reply to send, nothing kept; the daemon goes on serving."""
+    mark = LogMark(shared)
+    for _ in range(3):
+        with connect(shared):
+            pass
+    good_restore(shared)
+    assert mark.refusals() == []
+    assert_fds_back_to(shared, fd_baseline)
+
+
 def test_symlink_inside_the_snapshot_dir_is_served(shared: DaemonHandle) -> None:
     """The name check refuses escapes, not every symlink."""
     rc, lines, err = finish(shared.target("alias.img", SIZE, "--touch", "seq", "--no-fill"))

@@ -217,6 +217,30 @@ def test_checksum_mismatch_fails_the_read_not_the_connection() -> None:
     assert done.buffer is None
 
 
+def test_damaged_zero_frame_length_never_reads_as_zeros() -> None:
+    """One bit flipped in a ZERO frame's length so that it covers exactly the
+    rest of the read: without its checksum the read would complete with a
+    data page read as zeros. It fails instead (and the stray data frame
+    after it is a protocol error, which drops the connection)."""
+    s, c = _pair()
+    _opened(s, c)
+    rid = c.read(7, 0, 3 * 4096)
+    _to_server(c, s)
+    s.send_zero(rid, 4096)
+    s.send_data(rid, b"\7" * 8192)
+    wire = bytearray(_wire(s.data_to_send()))
+    (length,) = struct.unpack_from("<I", wire, 8 + 4)
+    assert length == 4096
+    struct.pack_into("<I", wire, 8 + 4, length ^ 0x2000)  # 12288: all that is left
+    c.receive_data(bytes(wire))
+    failed = c.next_event()
+    assert isinstance(failed, pp.ReadFailed)
+    assert failed.code == pp.ErrorCode.CORRUPT
+    assert "length was damaged" in failed.message
+    with pytest.raises(pp.RemoteProtocolError, match="not in flight"):
+        c.next_event()
+
+
 def test_bad_compressed_frame_fails_the_read() -> None:
     s, c = _pair()
     _opened(s, c)

@@ -473,9 +473,10 @@ class _Link:
         cannot be installed as they are; the reader fetches those again
         plainly (``partial``).
 
-        While faults are recent, the bulk socket then rests for ``BULK_GAP``
-        (as completions are spaced for plain reads, see :meth:`_schedule_delivery`),
-        unless the faulting thread is walking into this range."""
+        While faults are recent, the bulk socket then rests, ``BULK_GAP`` per
+        2 MiB installed (as completions of plain reads are spaced, see
+        :meth:`_schedule_delivery`), unless the faulting thread is walking
+        into this range."""
         p = self.sent.get(ev.request_id)
         if p is None or p.future.done() or p.sink is None:
             return
@@ -488,7 +489,7 @@ class _Link:
             p.sink([Extent(ev.offset, ev.length, _address(ev.buffer), ev.buffer)])
         loop = asyncio.get_running_loop()
         if loop.time() - self.peer.urgent_done < FAULT_LINGER and not self._near_faults(p) and self._gap is None:
-            self._gap = loop.call_later(BULK_GAP, self._gap_over)
+            self._gap = loop.call_later(BULK_GAP * ev.length / (2 << 20), self._gap_over)
             self._apply_hold()
 
     def _gap_over(self) -> None:
