@@ -136,6 +136,9 @@ class ErrorCode(enum.IntEnum):
             return f"error_{code}"
 
 
+#: The codes an ERROR frame may carry (CORRUPT is the reader's own).
+_SENT_CODES: Final = frozenset(int(c) for c in ErrorCode if c != ErrorCode.CORRUPT)
+
 #: ERROR frame flag: the id names an export handle (a refused OPEN), not a read.
 ERROR_FOR_HANDLE: Final = 1
 #: DATA frame flags.
@@ -915,6 +918,7 @@ class ClientConnection(_Connection):
         self._dctx: zstandard.ZstdDecompressor | None = None
         self._zbuf = bytearray()
         self._piece: Buffer | None = None  # streamed reads' frames land here, one at a time
+        self._opening: dict[int, int] = {}  # handle → OPENs not answered yet
         self._hello = Hello(versions, role, encodings, agent, client)
         self._out += [PREAMBLE, encode_hello(self._hello)]
 
@@ -935,6 +939,20 @@ class ClientConnection(_Connection):
         if not raw or len(raw) > MAX_NAME:
             raise LocalProtocolError(f"export name must be 1…{MAX_NAME} bytes")
         self._out.append(_frame(FrameType.OPEN, _OPEN.pack(handle) + raw))
+        self._opening[handle] = self._opening.get(handle, 0) + 1
+
+    def _answered(self, handle: int, what: str) -> None:
+        """An OPEN of ``handle`` was answered. An answer nobody asked for is
+        not trusted: a damaged DATA frame can look like an ERROR for a
+        handle, and taken as a refusal it would end every read of a healthy
+        export."""
+        n = self._opening.get(handle, 0)
+        if not n:
+            raise RemoteProtocolError(f"{what} for handle {handle}, which has no OPEN pending")
+        if n == 1:
+            del self._opening[handle]
+        else:
+            self._opening[handle] = n - 1
 
     def read(self, handle: int, offset: int, length: int, *, stream: bool = False) -> int:
         """Queue a READ; returns its request id. ``stream``: hand out each
@@ -974,13 +992,22 @@ class ClientConnection(_Connection):
             self._on_welcome(body)
             return
         if kind == FrameType.ERROR:
-            if len(body) < _ERROR.size or len(body) > _ERROR.size + MAX_CONTROL:
+            # Strict: a damaged DATA frame can parse as an ERROR, and a read
+            # failed for a reason the exporter never gave is worse than a
+            # dropped connection (which sends the read again).
+            if len(body) < _ERROR.size or len(body) > _ERROR.size + MAX_TEXT:
                 raise RemoteProtocolError(f"ERROR body of {len(body)} bytes")
             ident, code = _ERROR.unpack_from(body)
-            text = bytes(body[_ERROR.size :]).decode("utf-8", "replace")
+            if code not in _SENT_CODES:
+                raise RemoteProtocolError(f"ERROR with code {code}, which no exporter sends")
+            try:
+                text = bytes(body[_ERROR.size :]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise RemoteProtocolError("ERROR text that is not UTF-8") from None
             if flags & ~ERROR_FOR_HANDLE:
                 raise RemoteProtocolError(f"ERROR frame with unknown flags {flags:#x}")
             if flags & ERROR_FOR_HANDLE:
+                self._answered(ident, "ERROR")
                 self._events.append(OpenFailed(ident, code, text))
             elif ident == 0:
                 self.closed_by_peer = PeerError(code, text)
@@ -1002,6 +1029,7 @@ class ClientConnection(_Connection):
             handle, _reserved, size, ident = _OPENED.unpack(body)
             if size >= 1 << 63:
                 raise RemoteProtocolError("OPENED with an impossible size")
+            self._answered(handle, "OPENED")
             self._events.append(Opened(handle, size, ident))
         elif kind == FrameType.PONG:
             if len(body) != _PING.size:

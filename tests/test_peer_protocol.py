@@ -241,6 +241,32 @@ def test_damaged_zero_frame_length_never_reads_as_zeros() -> None:
         c.next_event()
 
 
+def test_answer_to_an_open_nobody_sent_is_a_protocol_error() -> None:
+    """A ZERO DATA frame whose type bit 2 flipped reads as an ERROR for a
+    handle (flags bit 0 set), naming the read id as the handle. Taken as a
+    refusal it would end every read of a healthy export; it is garbage."""
+    s, c = _pair()
+    _opened(s, c)
+    c.receive_data(pp.encode_error(7, 4096, "\x00" * 8, for_handle=True))
+    with pytest.raises(pp.RemoteProtocolError, match="code 4096, which no exporter sends"):
+        c.next_event()
+    s, c = _pair()
+    _opened(s, c)
+    c.receive_data(pp.encode_error(7, pp.ErrorCode.UNKNOWN_EXPORT, "no such export", for_handle=True))
+    with pytest.raises(pp.RemoteProtocolError, match="no OPEN pending"):
+        c.next_event()
+    # An OPENED that arrives twice: the second one answers nothing.
+    s, c = _pair()
+    c.open(7, "img")
+    _to_server(c, s)
+    s.opened(7, 4096, b"I" * 16)
+    wire = _wire(s.data_to_send())
+    c.receive_data(wire + wire)
+    assert c.next_event() == pp.Opened(7, 4096, b"I" * 16)
+    with pytest.raises(pp.RemoteProtocolError, match="no OPEN pending"):
+        c.next_event()
+
+
 def test_bad_compressed_frame_fails_the_read() -> None:
     s, c = _pair()
     _opened(s, c)
