@@ -97,6 +97,9 @@ _LAYOUT_EVENTS = abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_UNMAP
 POISON = -1
 #: Retry delays while a source fails under the ``wait`` policy.
 RETRY_FIRST, RETRY_MAX = 0.05, 5.0
+#: ``sigbus``: a failed read is read again in pieces this big before
+#: anything is poisoned (see _narrow).
+NARROW_PIECE = 64 << 10
 
 
 class SessionFailed(Exception):
@@ -609,13 +612,12 @@ class RestoreSession:
             policy=policy,
             error=str(exc),
         )
+        if policy == "sigbus" and state == INFLIGHT and j - i > 1 and not r.source.synchronous:
+            self._spawn(self._narrow(r, i, j, exc))
+            return
         if policy == "sigbus":
-            try:
-                self._put(r, i, j, POISON, state)
-                return
-            except _uffd.UffdError as e:
-                self.log.error("poison_failed", error=str(e), fallback="kill")
-                policy = "kill"
+            self._poison(r, i, j, state, exc)
+            return
         if policy == "kill":
             self._kill_target(f"source failed: {exc}")
             return
@@ -625,6 +627,52 @@ class RestoreSession:
         if self._source_ok.is_set():
             self._source_ok.clear()
             self._spawn(self._retry_source())
+
+    def _poison(self, r: Region, i: int, j: int, state: int, exc: SourceError) -> None:
+        """Touching pages [i, j) (those still in ``state``) raises SIGBUS from now on."""
+        try:
+            self._put(r, i, j, POISON, state)
+        except _uffd.UffdError as e:
+            self.log.error("poison_failed", error=str(e), fallback="kill")
+            self._kill_target(f"source failed: {exc}")
+
+    async def _narrow(self, r: Region, i: int, j: int, exc: SourceError) -> None:
+        """``sigbus``: poison only the pages the source really cannot give.
+
+        A failed read may hold one bad frame among megabytes that are fine.
+        Its pages stay in flight (touching threads wait) while they are read
+        again on the urgent lane, in pieces, and page by page where a piece
+        fails; only a page whose own read fails is poisoned.
+        """
+        poisoned_before = self.stats.bytes_poisoned
+        step = max(1, NARROW_PIECE >> r.shift)
+        for a in range(i, j, step):
+            for lo, hi in runs_of(r.bitmap, INFLIGHT, a, min(j, a + step)):
+                if not await self._read_again(r, lo, hi):
+                    for k in range(lo, hi):
+                        if self.outcome is not None:
+                            return
+                        if r.bitmap[k] == INFLIGHT and (hi - lo == 1 or not await self._read_again(r, k, k + 1)):
+                            self._poison(r, k, k + 1, INFLIGHT, exc)
+                if self.outcome is not None:
+                    return
+        self.log.info(
+            "failure_narrowed",
+            offset=hex(r.offset + (i << r.shift)),
+            length=(j - i) << r.shift,
+            bytes_poisoned=self.stats.bytes_poisoned - poisoned_before,
+        )
+        self._check_complete()
+
+    async def _read_again(self, r: Region, i: int, j: int) -> bool:
+        """Read pages [i, j) again and install them; False if that failed."""
+        try:
+            extents = await r.source.fetch_urgent(r.offset + (i << r.shift), (j - i) << r.shift)
+            if self.outcome is None:
+                self._install_extents(r, extents, INFLIGHT)
+        except SourceError:
+            return False
+        return True
 
     async def _retry_source(self) -> None:
         """``wait`` policy: retry the failed ranges until the source answers."""

@@ -20,6 +20,7 @@ Each test prints a JSON summary line (the figures in docs/reliability.md).
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -282,8 +283,9 @@ def _failed_ranges(log: list[dict[str, Any]]) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("export", ["img", "img.lps"])
 def test_flips_that_persist_poison_the_pages_sigbus(loop: Loop, export: str) -> None:
     """Every copy of one page's bytes arrives corrupted: the reads holding it
-    fail for good, their pages are poisoned (a touch would raise SIGBUS), the
-    rest of the image is installed right. No wrong byte anywhere."""
+    fail for good, and that one page is poisoned (a touch would raise
+    SIGBUS); the rest of those reads is read again and installed, like the
+    rest of the image. No wrong byte anywhere."""
     flips = FlipRange(BAD, BAD + PAGE)
     reader = loop.start(flips, "sigbus")
     rc, res, err = _result(loop.target(export, "seq"))
@@ -296,11 +298,11 @@ def test_flips_that_persist_poison_the_pages_sigbus(loop: Loop, export: str) -> 
     assert failed, "no source_failed logged"
     assert {e["policy"] for e in failed} == {"sigbus"}, failed
     assert any("checksum" in e["error"] or "zstd" in e["error"] for e in failed), failed
-    # Only pages of reads that failed were poisoned; the first try and the
-    # retry of each such read were both corrupted.
+    # Only the bad page is poisoned, though it failed reads of megabytes; the
+    # first try and the retry of each such read were both corrupted.
+    assert poisoned == [(BAD, PAGE)], poisoned
     ranges = _failed_ranges(log)
-    for a, n in poisoned:
-        assert any(o <= a and a + n <= o + k for o, k in ranges), (a, n, ranges)
+    assert any(o <= BAD < o + k for o, k in ranges), ranges
     assert len(flips.flips) >= 2 * len(ranges), (flips.flips, ranges)
     ended = [e for e in log if e.get("event") == "session_ended"]
     assert ended[-1]["outcome"] == "complete", ended
@@ -391,11 +393,11 @@ def test_wait_policy_retry_never_counts_a_page_twice(loop: Loop) -> None:
         assert r["outcome"] == "complete", r
 
 
-def run_random_flips(loop: Loop, restores: int, rate: float, limit: int) -> dict[str, Any]:
+def run_random_flips(loop: Loop, restores: int, rate: float, limit: int, seed: int = 11) -> dict[str, Any]:
     """Random single-bit flips anywhere in DATA frames (headers included):
     caught by the checksum, the decoder or the frame checks; the reads are
     sent again, on a new connection where the stream itself was hit."""
-    flips = FlipRandom(rate=rate, limit=limit * restores, seed=11)
+    flips = FlipRandom(rate=rate, limit=limit * restores, seed=seed)
     reader = loop.start(flips, "wait")
     results = []
     for k in range(restores):
@@ -434,4 +436,5 @@ def test_random_bit_flips_in_data_frames(loop: Loop) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_random_bit_flips_in_data_frames_20_restores(loop: Loop) -> None:
-    run_random_flips(loop, restores=20, rate=0.01, limit=10)
+    """``FLIP_SEED=N`` picks another sequence of flips (11 by default)."""
+    run_random_flips(loop, restores=20, rate=0.01, limit=10, seed=int(os.environ.get("FLIP_SEED", "11")))
