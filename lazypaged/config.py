@@ -29,6 +29,7 @@ class SessionConfig:
     #: Stream every remaining page in the background until the image is in.
     fill: bool = True
     #: Bytes per background UFFDIO_COPY; faults are served between chunks.
+    #: (A peer's fill is installed frame by frame as it arrives instead.)
     fill_chunk: int = 2 << 20
     #: When a source cannot deliver pages (file gone, checksum failure, peer
     #: past its deadline): "wait" keeps them missing and retries, "sigbus"
