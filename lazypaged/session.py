@@ -771,17 +771,11 @@ class RestoreSession:
             return
         if self.outcome is not None:
             return
-        st = self.stats
-        before = st.bytes_copied + st.bytes_zero
-        try:
-            self._install_extents(r, extents, INFLIGHT)
-        except SourceError as e:
-            self._source_failed(r, i, j, e, INFLIGHT)
-        done = st.bytes_copied + st.bytes_zero - before
+        done = self._install_inflight(r, extents, i, j)
         if fault:
-            st.bytes_fault += done
+            self.stats.bytes_fault += done
         else:
-            st.bytes_fill += done
+            self.stats.bytes_fill += done
         self._check_complete()
 
     def _fill_piece(self, r: Region, extents: list[Extent]) -> None:
@@ -792,17 +786,24 @@ class RestoreSession:
         """
         if self.outcome is not None:
             return
+        a = (extents[0].offset - r.offset) >> r.shift
+        b = (extents[-1].offset + extents[-1].length - r.offset) >> r.shift
+        try:
+            self.stats.bytes_fill += self._install_inflight(r, extents, a, b)
+        except Exception as e:
+            self._handle_error(e)
+
+    def _install_inflight(self, r: Region, extents: list[Extent], i: int, j: int) -> int:
+        """Install ``extents`` over pages [i, j) still in flight; the bytes
+        installed. If our side of the copy fails (the source's memory is
+        unreadable), those pages get the failure policy."""
         st = self.stats
         before = st.bytes_copied + st.bytes_zero
         try:
             self._install_extents(r, extents, INFLIGHT)
         except SourceError as e:
-            a = (extents[0].offset - r.offset) >> r.shift
-            b = (extents[-1].offset + extents[-1].length - r.offset) >> r.shift
-            self._source_failed(r, a, b, e, INFLIGHT)
-        except Exception as e:
-            self._handle_error(e)
-        st.bytes_fill += st.bytes_copied + st.bytes_zero - before
+            self._source_failed(r, i, j, e, INFLIGHT)
+        return st.bytes_copied + st.bytes_zero - before
 
     def _copy_run(self, r: Region, m: Mapping, i: int, j: int, src: int) -> None:
         """Install missing pages [i, j) of ``r``, all inside ``m``, from ``src``.

@@ -91,6 +91,23 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
     raise TimeoutError(f"daemon did not listen on {path}")
 
 
+def wait_for_ready(ready: socket.socket, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """Until the daemon sends READY=1 (sd_notify) to ``ready``: every
+    listener is up then, the handoff socket being only the first of them."""
+    deadline = time.monotonic() + timeout
+    ready.settimeout(0.05)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode} before it was ready")
+        try:
+            msg = ready.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            continue
+        if "READY=1" in msg.split("\n"):
+            return
+    raise TimeoutError("daemon did not say READY=1")
+
+
 def start_daemon(
     tmp: Path, extra_config: str = "", session_config: str = "", *, working_set: bool = False
 ) -> DaemonHandle:
@@ -107,11 +124,27 @@ def start_daemon(
         f"[working_set]\nenabled = {str(working_set).lower()}\n"
     )
     log = tmp / "daemon.log"
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lazypaged", "serve", "--config", str(cfg)], stdout=lf, stderr=lf
-        )
-    wait_for_socket(sock, proc)
+    # Readiness as systemd sees it, on a private abstract socket, unless the
+    # test stands in for systemd itself (it set NOTIFY_SOCKET).
+    ready: socket.socket | None = None
+    env = None
+    if "NOTIFY_SOCKET" not in os.environ:
+        ready = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        name = f"lazypaged-test-{os.getpid()}-{time.monotonic_ns()}"
+        ready.bind("\0" + name)
+        env = {**os.environ, "NOTIFY_SOCKET": "@" + name}
+    try:
+        with open(log, "wb") as lf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lazypaged", "serve", "--config", str(cfg)], stdout=lf, stderr=lf, env=env
+            )
+        if ready is not None:
+            wait_for_ready(ready, proc)
+        else:
+            wait_for_socket(sock, proc)
+    finally:
+        if ready is not None:
+            ready.close()
     return DaemonHandle(proc, sock, snaps, log, cfg)
 
 

@@ -169,7 +169,8 @@ def test_remote_lazy_restore_across_netns(
     assert rc == 0, h.log_tail(daemon.log)
     _check_lines(lines + after, p.expected)
     log = daemon.log.read_text()
-    assert '"acknowledged": true' in log
+    ends = [ln for ln in log.splitlines() if "page_server" in ln or "session_ended" in ln]
+    assert '"acknowledged": true' in log, ends
 
 
 def test_daemon_killed_mid_restore_kills_the_target(
