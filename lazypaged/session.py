@@ -522,20 +522,28 @@ class RestoreSession:
                 self._spawn(self._fetch_install(r, i, j, fault=True))
         elif state == INFLIGHT and self._urgent_lane.get(id(r)) and (id(r), i) not in self._promoted:
             # The page is on its way, perhaps in a fill read queued behind
-            # megabytes of other fill: ask for it on the urgent lane as well.
-            # Whichever lands first installs it; the other finds it settled.
-            self._promoted.add((id(r), i))
-            self._spawn(self._promote(r, i))
+            # megabytes of other fill: ask for it on the urgent lane as well,
+            # with the pages after it that are in flight too (up to a first
+            # fault-around window), or a thread walking through them faults
+            # on each. Whichever lands first installs a page; the other finds
+            # it settled.
+            j = min(i + max(1, self.cfg.fault_around_min >> r.shift), m.last) if self._fault_around else i + 1
+            for other in (MISSING, SETTLED):
+                k = r.bitmap.find(other, i, j)
+                if k != -1:
+                    j = k
+            self._promoted.update((id(r), k) for k in range(i, j))
+            self._spawn(self._promote(r, i, j))
         # Otherwise INFLIGHT: the fetch under way wakes this thread when it lands.
         ns = _now_ns() - t0
         st.fault_ns += ns
         st.latency_us_log2[min((ns // 1000).bit_length(), 31)] += 1
 
-    async def _promote(self, r: Region, i: int) -> None:
+    async def _promote(self, r: Region, i: int, j: int) -> None:
         try:
-            await self._fetch_install(r, i, i + 1, fault=True)
+            await self._fetch_install(r, i, j, fault=True)
         finally:
-            self._promoted.discard((id(r), i))
+            self._promoted.difference_update((id(r), k) for k in range(i, j))
 
     def _stray_fault(self, page: int) -> None:
         """A fault outside every mapping: memory the restorer registered
@@ -667,7 +675,7 @@ class RestoreSession:
     async def _read_again(self, r: Region, i: int, j: int) -> bool:
         """Read pages [i, j) again and install them; False if that failed."""
         try:
-            extents = await r.source.fetch_urgent(r.offset + (i << r.shift), (j - i) << r.shift)
+            extents = await r.source.fetch_urgent(r.offset + (i << r.shift), (j - i) << r.shift, owner=self)
             if self.outcome is None:
                 self._install_extents(r, extents, INFLIGHT)
         except SourceError:
@@ -759,8 +767,8 @@ class RestoreSession:
         off, n = r.offset + (i << r.shift), (j - i) << r.shift
         try:
             if fault:
-                extents = await r.source.fetch_urgent(off, n)
-            elif await r.source.fetch_into(off, n, functools.partial(self._fill_piece, r)):
+                extents = await r.source.fetch_urgent(off, n, owner=self)
+            elif await r.source.fetch_into(off, n, functools.partial(self._fill_piece, r), owner=self):
                 self._check_complete()
                 return
             else:  # pieces the stream could not hand over: read what is still missing plainly
@@ -1249,7 +1257,7 @@ class RestoreSession:
         # The first chunks are small and double up to fill_chunk: the target's
         # first faults come right after the handoff, and a fault never waits
         # for more than the chunk being copied.
-        chunk = self._fill_step = min(self._fill_step << 1, r.source.fill_read or self.cfg.fill_chunk)
+        chunk = self._fill_step = min(self._fill_step << 1, self.cfg.fill_chunk)
         j = min(i + max(1, chunk >> r.shift), r.npages)
         for other in (SETTLED, INFLIGHT):
             k = r.bitmap.find(other, i, j)

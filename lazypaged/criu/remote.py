@@ -361,7 +361,7 @@ class RemoteTaskSource(PageSource):
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         return await self.client.get(self.pid, offset, length, urgent=False)
 
-    async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
+    async def fetch_urgent(self, offset: int, length: int, owner: object = None) -> list[Extent]:
         return await self.client.get(self.pid, offset, length, urgent=True)
 
     def close(self) -> None:

@@ -42,10 +42,6 @@ class PageSource(ABC):
     path: str | None = None
     size: int
     synchronous: bool = True
-    #: Bytes per background read, if the source knows better than the
-    #: session's ``fill_chunk`` (0: it does not). A streamed source installs
-    #: each piece as it arrives, so its reads can be bigger than a copy.
-    fill_read: int = 0
 
     @abstractmethod
     def extents(self, offset: int, length: int) -> list[Extent]:
@@ -55,17 +51,21 @@ class PageSource(ABC):
         """Like :meth:`extents`, for sources that must wait (background fill)."""
         return self.extents(offset, length)
 
-    async def fetch_into(self, offset: int, length: int, sink: Callable[[list[Extent]], None]) -> bool:
+    async def fetch_into(
+        self, offset: int, length: int, sink: Callable[[list[Extent]], None], owner: object = None
+    ) -> bool:
         """A background read handed to ``sink`` piece by piece as it arrives
         (the extents' memory is only valid during the call). True when every
         piece was handed over; False tells the caller to read what is still
-        missing with :meth:`fetch`."""
+        missing with :meth:`fetch`. ``owner``: see :meth:`fetch_urgent`."""
         sink(await self.fetch(offset, length))
         return True
 
-    async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
+    async def fetch_urgent(self, offset: int, length: int, owner: object = None) -> list[Extent]:
         """:meth:`fetch` for a faulting thread: a source with queues (a remote
-        peer) must put this ahead of every background fetch."""
+        peer) must put this ahead of every background fetch. ``owner`` (the
+        session asking) lets a shared source tell one restore's background
+        reads, which help its own faulting threads, from another's."""
         return await self.fetch(offset, length)
 
     def data_address(self, offset: int, length: int) -> int:

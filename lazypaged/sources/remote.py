@@ -142,6 +142,8 @@ class _Pending:
     sink: Callable[[list[Extent]], None] | None = None
     #: A piece could not be handed to ``sink`` (not whole pages).
     partial: bool = False
+    #: The session reading (see PageSource.fetch_urgent), or None.
+    owner: object = None
 
 
 class _Permanent(Exception):
@@ -297,7 +299,12 @@ class _Link:
         self._gap: asyncio.TimerHandle | None = None
 
     async def read(
-        self, export: _ExportInfo, offset: int, length: int, sink: Callable[[list[Extent]], None] | None = None
+        self,
+        export: _ExportInfo,
+        offset: int,
+        length: int,
+        sink: Callable[[list[Extent]], None] | None = None,
+        owner: object = None,
     ) -> _Pending:
         """Read [offset, offset+length) of ``export``; the completed
         request (its future holds the :class:`pp.ReadDone`)."""
@@ -306,7 +313,7 @@ class _Link:
         if self.closed:
             raise SourceError(f"{self.peer.label}: source closed")
         fut: asyncio.Future[pp.ReadDone] = asyncio.get_running_loop().create_future()
-        p = _Pending(export, offset, length, fut, sink=sink)
+        p = _Pending(export, offset, length, fut, sink=sink, owner=owner)
         self.queue.append(p)
         self._pump()
         await fut
@@ -473,10 +480,12 @@ class _Link:
         cannot be installed as they are; the reader fetches those again
         plainly (``partial``).
 
-        While faults are recent, the bulk socket then rests, ``BULK_GAP`` per
-        2 MiB installed (as completions of plain reads are spaced, see
-        :meth:`_schedule_delivery`), unless the faulting thread is walking
-        into this range."""
+        While another restore's faults are recent, the bulk socket then
+        rests, ``BULK_GAP`` per 2 MiB installed (as completions of plain reads
+        are spaced, see :meth:`_schedule_delivery`), unless the faulting
+        thread is walking into this range. A restore's own fill is not held
+        back for its own faults: it installs what those threads would fault
+        on next (a program faulting at random took 2.5× longer with it held)."""
         p = self.sent.get(ev.request_id)
         if p is None or p.future.done() or p.sink is None:
             return
@@ -488,7 +497,9 @@ class _Link:
         else:
             p.sink([Extent(ev.offset, ev.length, _address(ev.buffer), ev.buffer)])
         loop = asyncio.get_running_loop()
-        if loop.time() - self.peer.urgent_done < FAULT_LINGER and not self._near_faults(p) and self._gap is None:
+        others = p.owner is None or p.owner is not self.peer.urgent_owner
+        recent = loop.time() - self.peer.urgent_done < FAULT_LINGER
+        if others and recent and not self._near_faults(p) and self._gap is None:
             self._gap = loop.call_later(BULK_GAP * ev.length / (2 << 20), self._gap_over)
             self._apply_hold()
 
@@ -513,6 +524,7 @@ class _Link:
             elif self.role == "urgent":
                 if p.length <= SMALL_URGENT:
                     self.peer.urgent_done = asyncio.get_running_loop().time()
+                    self.peer.urgent_owner = p.owner
                 self.peer.urgent_at = (p.export, p.offset)
                 p.future.set_result(ev)
             else:
@@ -662,6 +674,8 @@ class Peer:
         self.client_id = uuid.uuid4().hex
         #: Loop time the last small urgent read completed (see FAULT_LINGER).
         self.urgent_done = -1.0
+        #: The session whose small urgent read completed last (see FAULT_LINGER).
+        self.urgent_owner: object = None
         #: Export and offset of the last urgent read that completed.
         self.urgent_at: tuple[_ExportInfo | None, int] = (None, 0)
         self.urgent = _Link(self, "urgent")
@@ -811,9 +825,6 @@ class RemoteSource(PageSource):
     """An export of a peer, read over the peer's shared links."""
 
     synchronous = False
-    #: Fill reads are streamed (:meth:`fetch_into`), so their size only sets
-    #: how many requests the fill makes.
-    fill_read = READ_PIECE
 
     def __init__(self, peer: Peer, export: _ExportInfo, url: str) -> None:
         self.peer = peer
@@ -827,10 +838,12 @@ class RemoteSource(PageSource):
     async def fetch(self, offset: int, length: int) -> list[Extent]:
         return await self._get(self.peer.bulk, offset, length)
 
-    async def fetch_urgent(self, offset: int, length: int) -> list[Extent]:
-        return await self._get(self.peer.urgent, offset, length)
+    async def fetch_urgent(self, offset: int, length: int, owner: object = None) -> list[Extent]:
+        return await self._get(self.peer.urgent, offset, length, owner)
 
-    async def fetch_into(self, offset: int, length: int, sink: Callable[[list[Extent]], None]) -> bool:
+    async def fetch_into(
+        self, offset: int, length: int, sink: Callable[[list[Extent]], None], owner: object = None
+    ) -> bool:
         """Stream a bulk read: each frame goes to ``sink`` as soon as it is
         verified, from one reused buffer, so it is copied in while still in
         the CPU's cache (the reader's CPU, not the wire, bounds the fill on
@@ -839,19 +852,19 @@ class RemoteSource(PageSource):
         self.check_range(offset, length)
         whole = True
         for o in range(offset, offset + length, READ_PIECE):
-            p = await self.peer.bulk.read(self.export, o, min(READ_PIECE, offset + length - o), sink)
+            p = await self.peer.bulk.read(self.export, o, min(READ_PIECE, offset + length - o), sink, owner)
             whole = whole and not p.partial
         return whole
 
-    async def _get(self, link: _Link, offset: int, length: int) -> list[Extent]:
+    async def _get(self, link: _Link, offset: int, length: int, owner: object = None) -> list[Extent]:
         self.check_range(offset, length)
         if length == 0:
             return []
         if length <= READ_PIECE:
-            return _extents((await link.read(self.export, offset, length)).future.result())
+            return _extents((await link.read(self.export, offset, length, owner=owner)).future.result())
         parts = await asyncio.gather(
             *(
-                link.read(self.export, o, min(READ_PIECE, offset + length - o))
+                link.read(self.export, o, min(READ_PIECE, offset + length - o), owner=owner)
                 for o in range(offset, offset + length, READ_PIECE)
             )
         )
