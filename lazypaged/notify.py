@@ -17,9 +17,11 @@ def notify(state: str) -> bool:
         return False
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        try:
+    # Never raises: a daemon out of file descriptors (EMFILE) must still
+    # shut down cleanly, and systemd's view is not worth a crash.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.sendto(state.encode(), addr)
-        except OSError:
-            return False
+    except OSError:
+        return False
     return True

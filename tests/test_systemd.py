@@ -303,3 +303,19 @@ def test_activated_socket_path_survives_the_daemon(tmp_path: Path, socket_activa
             activator.wait()
     # systemd still holds the listening socket; its path must still lead to it.
     assert handoff.exists()
+
+
+def test_notify_out_of_file_descriptors_is_not_an_error(notifications: Notifications) -> None:
+    """A daemon at its descriptor limit (EMFILE) still runs and stops: a
+    status message it cannot send is dropped, never raised."""
+    code = (
+        "import os, resource, sys\n"
+        "from lazypaged.notify import notify\n"
+        "n = len(os.listdir('/proc/self/fd'))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (n - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+        "print(notify('STATUS=full'))\n"
+    )
+    env = {**os.environ, "NOTIFY_SOCKET": notifications.address}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False", (r.stdout, r.stderr)
