@@ -7,6 +7,7 @@ must match it (``tests/test_config.py`` checks).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -271,6 +272,11 @@ class Config:
             raise ConfigError(f"session.fault_poll_us = {s.fault_poll_us} must be between 0 and 10000")
         if s.fault_around_min > s.fault_around_max:
             raise ConfigError("session.fault_around_min must not exceed fault_around_max")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        for where, mode in (("socket_mode", self.socket_mode), ("control.socket_mode", self.control.socket_mode)):
+            if not 0 <= mode <= 0o777:
+                raise ConfigError(f"{where} = {mode:#o} is not a mode (at most 0o777)")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError(f"log_format must be auto, json or console, not {self.log_format!r}")
         if bool(self.firecracker.socket) != bool(self.firecracker.mem_file):
@@ -287,6 +293,23 @@ class Config:
         return self
 
 
+#: Settings holding a file mode.
+MODE_KEYS = frozenset({"socket_mode"})
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_OCTAL = re.compile(r"[0-7]{1,4}")
+
+
+def _mode(where: str, value: Any) -> int:
+    """A mode is a string of octal digits ("0660" or "660"), never a TOML
+    integer: the parser hands back 660 and 0o1224 as the same number, so a
+    mode written without quotes cannot be read the way its writer meant."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f'{where} = {value} is an integer; write the mode as an octal string, e.g. "0660"')
+    if not isinstance(value, str) or not _OCTAL.fullmatch(value) or int(value, 8) > 0o777:
+        raise ConfigError(f'{where} = {value!r} is not a mode: write octal digits, e.g. "0660" (at most "0777")')
+    return int(value, 8)
+
+
 def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
     where = f"{section}{key}" if section else key
     if isinstance(default, bool):
@@ -301,11 +324,8 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} must be a list of paths")
         return tuple(Path(v) for v in value)
-    if key == "socket_mode":
-        try:
-            return int(value, 8) if isinstance(value, str) else int(value)
-        except ValueError:
-            raise ConfigError(f'{where} must be an octal string such as "0660"') from None
+    if key in MODE_KEYS:
+        return _mode(where, value)
     if isinstance(default, int):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{where} must be an integer")
@@ -316,6 +336,8 @@ def _coerce(section: str, key: str, default: Any, value: Any) -> Any:
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string")
+    if key == "log_level":  # logging's own names are upper case; both spellings are meant alike
+        return value.lower()
     return value
 
 
