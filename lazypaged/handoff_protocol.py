@@ -27,6 +27,7 @@ The document for client writers is ``docs/handoff.md``; keep the two in step.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -77,9 +78,32 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+#: How a decoded value's type is named in a refusal: the msgpack type, not Python's.
+_KIND_NAMES: Final = {
+    str: "a string",
+    bytes: "binary data",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    list: "an array",
+    tuple: "an array",
+    dict: "a map",
+    type(None): "nil",
+    msgpack.ExtType: "an extension type",
+}
+
+
+def _kind(v: object) -> str:
+    """The msgpack name of ``v``'s type, for messages a client reads."""
+    for t, name in _KIND_NAMES.items():
+        if type(v) is t:
+            return name
+    return "a value of another type"
+
+
 def _check_uint(what: str, v: object, hi: int = _U64) -> None:
     if not _is_int(v):
-        raise LocalProtocolError(f"{what} must be an integer, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be an integer, not {_kind(v)}")
     assert isinstance(v, int)
     if not 0 <= v <= hi:
         raise LocalProtocolError(f"{what} = {v} is out of range 0..{hi}")
@@ -87,13 +111,13 @@ def _check_uint(what: str, v: object, hi: int = _U64) -> None:
 
 def _check_bool(what: str, v: object) -> None:
     if not isinstance(v, bool):
-        raise LocalProtocolError(f"{what} must be a boolean, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be a boolean, not {_kind(v)}")
 
 
 def _check_name(what: str, v: object) -> None:
     """A short identifier: non-empty valid UTF-8 without NUL, at most MAX_NAME bytes."""
     if not isinstance(v, str):
-        raise LocalProtocolError(f"{what} must be a string, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be a string, not {_kind(v)}")
     try:
         n = len(v.encode("utf-8"))
     except UnicodeEncodeError:
@@ -108,7 +132,7 @@ def _clean_text(obj: object, attr: str) -> None:
     """Free text (error messages) is never refused: unencodable characters become U+FFFD."""
     v = getattr(obj, attr)
     if not isinstance(v, str):
-        raise LocalProtocolError(f"{attr} must be a string, not {type(v).__name__}")
+        raise LocalProtocolError(f"{attr} must be a string, not {_kind(v)}")
     try:
         v.encode("utf-8")
     except UnicodeEncodeError:  # only lone surrogates cannot be encoded
@@ -221,10 +245,13 @@ class Complete:
     bytes_zero: int
     faults: int
     seconds: float
+    #: Pages the source could not deliver that were poisoned (failure_policy
+    #: "sigbus"): touching one raises SIGBUS. Absent in older daemons' frames.
+    pages_poisoned: int = 0
 
     def __post_init__(self) -> None:
         _check_name("session", self.session)
-        for name in ("pages", "bytes_copied", "bytes_zero", "faults"):
+        for name in ("pages", "bytes_copied", "bytes_zero", "faults", "pages_poisoned"):
             _check_uint(name, getattr(self, name))
         s = self.seconds
         if not isinstance(s, int | float) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
@@ -292,6 +319,7 @@ def _to_map(msg: Message) -> dict[str, Any]:
             "bytes_zero": msg.bytes_zero,
             "faults": msg.faults,
             "seconds": msg.seconds,
+            "pages_poisoned": msg.pages_poisoned,
         }
     if isinstance(msg, Failed):
         return {"type": "failed", "session": msg.session, "code": msg.code, "message": msg.message}
@@ -314,15 +342,15 @@ _MISSING: Final[Any] = object()
 def _get(m: dict[str, Any], key: str, kind: type | tuple[type, ...], *, default: Any = _MISSING) -> Any:
     """``m[key]`` if it has msgpack type ``kind``; an optional key may be absent or nil."""
     v = m.get(key)
-    if v is None and (key not in m or default is not _MISSING):
+    if v is None:
         if default is _MISSING:
-            raise RemoteProtocolError(f"missing field {key!r}")
+            raise RemoteProtocolError(f"missing field {key!r}" + (" (it is nil)" if key in m else ""))
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     # bool is an int subclass in Python, a type of its own in msgpack.
     if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
-        want = "/".join(k.__name__ for k in kinds)
-        raise RemoteProtocolError(f"field {key!r} must be {want}, not {type(v).__name__}")
+        want = " or ".join(_KIND_NAMES[k] for k in kinds)
+        raise RemoteProtocolError(f"field {key!r} must be {want}, not {_kind(v)}")
     return v
 
 
@@ -336,7 +364,7 @@ def _from_map(m: dict[str, Any]) -> Message:
             ranges = []
             for i, r in enumerate(raw_ranges):
                 if not isinstance(r, dict):
-                    raise RemoteProtocolError(f"range {i} must be a map")
+                    raise RemoteProtocolError(f"range {i} must be a map, not {_kind(r)}")
                 ranges.append(
                     RangeSpec(
                         start=_get(r, "start", int),
@@ -372,12 +400,13 @@ def _from_map(m: dict[str, Any]) -> Message:
                 _get(m, "bytes_zero", int),
                 _get(m, "faults", int),
                 _get(m, "seconds", (int, float)),
+                _get(m, "pages_poisoned", int, default=0),
             )
         if kind == "failed":
             return Failed(_get(m, "session", str), _get(m, "code", str), _get(m, "message", str))
     except LocalProtocolError as e:  # validation of a received value
         raise RemoteProtocolError(str(e)) from None
-    raise RemoteProtocolError(f"unknown message type {kind!r}")
+    raise RemoteProtocolError(f"unknown message type {_quote(kind)}")
 
 
 def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -387,6 +416,40 @@ def _unique_map(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     return m
 
 
+def _quote(text: str) -> str:
+    """A client-supplied string in a refusal, shortened and on one line."""
+    short = text if len(text) <= 64 else text[:64] + "…"
+    return repr(short)
+
+
+def _unpack_refusal(e: Exception) -> str:
+    """What was wrong with a body msgpack could not decode, in one plain line.
+
+    msgpack raises a type per problem, often with an empty or internal
+    message; the client gets the problem, not the exception.
+    """
+    if isinstance(e, msgpack.ExtraData):
+        return "bytes after the msgpack object: a frame holds exactly one"
+    if isinstance(e, msgpack.StackError):
+        return "the msgpack object is nested too deep"
+    if isinstance(e, UnicodeDecodeError):
+        return "a string is not valid UTF-8 (send binary data as a str only if it is text)"
+    if isinstance(e, msgpack.OutOfData | EOFError) or "incomplete input" in str(e):
+        return "the msgpack object ends early: the frame is shorter than its content"
+    text = str(e)
+    if "strict_map_key" in text:
+        return "map keys must be strings"
+    found = re.match(r"(\d+) exceeds max_(\w+)_len", text)
+    if found:
+        what = {"array": "an array of", "map": "a map of", "str": "a string of", "bin": "binary data of"}
+        items = "bytes" if found.group(2) in ("str", "bin") else "items"
+        return (
+            f"{what.get(found.group(2), 'an object of')} {found.group(1)} {items} "
+            "cannot fit in the frame: the msgpack body is damaged"
+        )
+    return "the payload is not valid msgpack"
+
+
 def decode_body(body: bytes) -> Message:
     """Decode one frame's payload (without its length header)."""
     try:
@@ -394,12 +457,19 @@ def decode_body(body: bytes) -> Message:
     except RemoteProtocolError:
         raise
     except Exception as e:  # msgpack raises a zoo of types for garbage
-        raise RemoteProtocolError(f"payload is not one msgpack object: {type(e).__name__}: {e}") from None
+        raise RemoteProtocolError(_unpack_refusal(e)) from None
     if not isinstance(m, dict):
-        raise RemoteProtocolError(f"payload must be a msgpack map, not {type(m).__name__}")
-    version = m.get("v")
-    if not _is_int(version) or version != VERSION:
-        raise RemoteProtocolError(f"unsupported protocol version {version!r} (this side speaks {VERSION})", "version")
+        raise RemoteProtocolError(f"payload must be a msgpack map, not {_kind(m)}")
+    # Checked before any other field: a later version may change them all.
+    if "v" not in m or m["v"] is None:
+        raise RemoteProtocolError(f"no protocol version (field 'v'; this side speaks {VERSION})", "version")
+    version = m["v"]
+    if not _is_int(version):
+        raise RemoteProtocolError(
+            f"protocol version must be the integer {VERSION}, not {_kind(version)}", "version"
+        )
+    if version != VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})", "version")
     return _from_map(m)
 
 

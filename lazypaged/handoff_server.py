@@ -205,7 +205,13 @@ class HandoffServer:
         if outcome.state == "complete":
             st = session.stats
             reply: hp.Message = hp.Complete(
-                session.id, st.pages_total, st.bytes_copied, st.bytes_zero, st.faults, st.seconds
+                session.id,
+                st.pages_total,
+                st.bytes_copied,
+                st.bytes_zero,
+                st.faults,
+                st.seconds,
+                pages_poisoned=st.bytes_poisoned // _page_of(session),
             )
         else:
             reply = hp.Failed(session.id, outcome.code, outcome.message)
@@ -389,6 +395,12 @@ class HandoffServer:
             )
         ps = r.page_size or PAGE
         return Mapping(r.start, r.end, Region(src, r.offset, r.length // ps, page=ps), 0)
+
+
+def _page_of(session: RestoreSession) -> int:
+    """The page ``complete`` counts in: the ranges' own when they agree (hugetlb), else the base page."""
+    sizes = {r.page for r in session.regions}
+    return sizes.pop() if len(sizes) == 1 else PAGE
 
 
 @contextlib.contextmanager

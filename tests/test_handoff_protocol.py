@@ -95,9 +95,9 @@ def test_example_request_bytes() -> None:
         ),
         (
             hp.Complete("s", 1, 2, 3, 4, 1.5),
-            "88 a176 01 a474797065 a8636f6d706c657465 a773657373696f6e a173 a57061676573 01"
+            "89 a176 01 a474797065 a8636f6d706c657465 a773657373696f6e a173 a57061676573 01"
             " ac62797465735f636f70696564 02 aa62797465735f7a65726f 03 a66661756c7473 04"
-            " a77365636f6e6473 cb3ff8000000000000",
+            " a77365636f6e6473 cb3ff8000000000000 ae70616765735f706f69736f6e6564 00",
         ),
     ],
 )
@@ -759,3 +759,73 @@ def test_building_from_arbitrary_values(data: st.DataObject, which: int) -> None
     except hp.LocalProtocolError:
         return
     assert hp.decode_body(hp.encode(msg)[4:]) == msg
+
+
+# -- poisoned pages in complete ---------------------------------------------------
+
+
+def test_complete_carries_pages_poisoned() -> None:
+    msg = hp.Complete("s", 8, 4096, 0, 1, 0.5, pages_poisoned=7)
+    body = hp.encode(msg)[4:]
+    assert msgpack.unpackb(body)["pages_poisoned"] == 7
+    assert hp.decode_body(body) == msg
+
+
+def test_complete_without_pages_poisoned_means_none() -> None:
+    """A daemon of the previous revision does not send the field: zero."""
+    m = {"v": 1, "type": "complete", "session": "s", "pages": 1, "bytes_copied": 0, "bytes_zero": 4096,
+         "faults": 0, "seconds": 0.0}
+    msg = hp.decode_body(msgpack.packb(m))
+    assert isinstance(msg, hp.Complete)
+    assert msg.pages_poisoned == 0
+
+
+def test_old_decoder_policy_reads_the_new_complete() -> None:
+    """What an older client does with the new field: it ignores unknown keys,
+    so the rest of the frame reads as before."""
+    body = msgpack.unpackb(hp.encode(hp.Complete("s", 2, 4096, 4096, 1, 1.0, pages_poisoned=1))[4:])
+    known = {"v", "type", "session", "pages", "bytes_copied", "bytes_zero", "faults", "seconds"}
+    assert set(body) - known == {"pages_poisoned"}
+
+
+@pytest.mark.parametrize("v", [-1, True, 1.5, "1"])
+def test_bad_pages_poisoned(v: Any) -> None:
+    m = {"v": 1, "type": "complete", "session": "s", "pages": 1, "bytes_copied": 0, "bytes_zero": 0,
+         "faults": 0, "seconds": 0.0, "pages_poisoned": v}
+    assert refused(frame_of(m)).code == "malformed"
+
+
+# -- refusals read as one plain line -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "text"),
+    [
+        (msgpack.packb({"type": "restore"}), "version", "no protocol version"),
+        (msgpack.packb({"v": "1", "type": "restore"}), "version", "protocol version must be the integer 1"),
+        (msgpack.packb({"v": 2, "type": "restore"}), "version", "protocol version 2"),
+        (b"\xc1\xc1", "malformed", "not valid msgpack"),
+        (b"\x91" * 2000 + b"\xc0", "malformed", "nested too deep"),
+        (b"\xdd\xff\xff\xff\xff", "malformed", "array of 4294967295 items"),
+        (msgpack.packb({"v": 1}) + b"\x00", "malformed", "bytes after"),
+        (b"\x81\xa1v\xa2\xff\xfe", "malformed", "not valid UTF-8"),
+        (msgpack.packb({1: 1}), "malformed", "keys must be strings"),
+        (b"\x81\xa1v", "malformed", "ends early"),
+        (msgpack.packb({"v": 1, "type": "restore", "ranges": [range_map(source=b"x")]}, use_bin_type=True),
+         "malformed", "must be a string, not binary"),
+        (msgpack.packb({"v": 1, "type": "restore", "ranges": [range_map(start=None)]}), "malformed",
+         "missing field 'start'"),
+        (msgpack.packb({"v": 1, "type": "restore", "ranges": [range_map(start=1.0)]}), "malformed",
+         "must be an integer, not a float"),
+    ],
+)
+def test_refusal_text_is_plain(body: bytes, code: str, text: str) -> None:
+    e = refused(raw_frame(body))
+    assert e.code == code
+    msg = str(e)
+    assert text in msg, msg
+    assert "\n" not in msg
+    for internal in ("None", "Error:", "bytes,", "NoneType", "b'", "FormatError", "UnicodeDecodeError",
+                     "ExtraData", "StackError", "ValueError", "strict_map_key", "max_array_len"):
+        assert internal not in msg, msg
+    assert not msg.endswith(": "), msg
