@@ -46,6 +46,7 @@ from .sessions import SessionTable
 from .sources import PageSource, SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
 from .sources.remote import PeerPool
+from .target_vmas import UFFD_MISSING_FLAG, first_gap, read_vmas
 from .unixsock import AncillaryTruncated, PeerCred, listen_unix, peer_cred, recv_fds
 
 _abi = _uffd.abi
@@ -324,10 +325,13 @@ class HandoffServer:
         uffd = _uffd.Userfaultfd(fd, features)
         try:
             mappings = [self._mapping(r, acquired) for r in ranges]
-            if not req.registered:
+            if req.registered:
+                _check_registered(uffd, pid, ranges)
+            else:
                 if api_done is False:
                     raise Refused("register_failed", "UFFDIO_API was never called on the attached userfaultfd")
                 _register_all(uffd, ranges, registered)
+                _check_mapped(pid, ranges)
             sid = uuid.uuid4().hex[:12]
             session = RestoreSession(
                 sid,
@@ -487,12 +491,70 @@ def _process_uids(pid: int) -> tuple[int, int, int]:
     raise OSError(errno.ESRCH, f"no Uid line for process {pid}")
 
 
-def _register_all(uffd: _uffd.Userfaultfd, ranges: list[hp.RangeSpec], done: list[hp.RangeSpec]) -> None:
+def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> None:
+    """Every byte of every range is mapped in the target.
+
+    UFFDIO_REGISTER takes a range with holes in it and registers only what
+    is mapped: memory mapped into a hole later would never fault to us, and
+    the target would read zeros where the snapshot has data.
+    """
+    if pid <= 0:
+        return  # the peer's pid is not visible here: nothing to read
+    try:
+        vmas = read_vmas(pid)
+    except OSError as e:
+        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    for r in ranges:
+        gap = first_gap(vmas, r.start, r.end)
+        if gap is not None:
+            raise Refused(
+                "register_failed",
+                f"range {r.start:#x}+{r.length:#x} is not wholly mapped in process {pid}: "
+                f"nothing at {gap[0]:#x}..{gap[1]:#x}",
+            )
+
+
+def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSpec]) -> None:
+    """A request that says its ranges are registered: prove they are, on this uffd.
+
+    The target's VmFlags show ``um`` wherever *some* uffd is registered in
+    missing mode, and only there; registering the same range again with the
+    attached uffd then succeeds only if that uffd is this one (another
+    one's range answers EBUSY), and changes nothing. Both together: every
+    byte is registered, in missing mode, with the uffd we serve.
+    """
+    if pid <= 0:
+        raise Refused("not_registered", "cannot verify the registration: the target's pid is not visible here")
+    try:
+        vmas = read_vmas(pid, flags=True)
+    except OSError as e:
+        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    for r in ranges:
+        gap = first_gap(vmas, r.start, r.end, UFFD_MISSING_FLAG)
+        if gap is not None:
+            raise Refused(
+                "not_registered",
+                f"range {r.start:#x}+{r.length:#x} is said to be registered, but {gap[0]:#x}..{gap[1]:#x} "
+                f"is not registered with a userfaultfd in missing mode in process {pid}",
+            )
+    # Nothing to undo on a refusal: a range that registers again was ours already.
+    _register_all(uffd, ranges, [], refusal="not_registered")
+
+
+def _register_all(
+    uffd: _uffd.Userfaultfd, ranges: list[hp.RangeSpec], done: list[hp.RangeSpec], refusal: str = "register_failed"
+) -> None:
     """Register every range; ``done`` lists those registered, for the caller to undo."""
     for r in ranges:
         try:
             ioctls = uffd.register(r.start, r.length)
         except _uffd.UffdError as e:
+            if refusal == "not_registered":
+                raise Refused(
+                    "not_registered",
+                    f"range {r.start:#x}+{r.length:#x} is said to be registered, but not with the attached "
+                    f"userfaultfd ({os.strerror(e.errno or 0)})",
+                ) from None
             raise Refused(
                 "register_failed",
                 f"cannot register {r.start:#x}+{r.length:#x} in the target ({os.strerror(e.errno or 0)}); "

@@ -481,6 +481,58 @@ def range_registered_by_another_uffd(c: Ctx) -> hp.Message | None:
     return c.send_request(c.request(ranges))
 
 
+@case("register_failed", concurrent=False)
+def range_with_a_hole_in_the_middle(c: Ctx) -> hp.Message | None:
+    # UFFDIO_REGISTER succeeds across a hole; pages mapped there later would
+    # be ordinary zero memory. The request must be refused, not half served.
+    base = c.mapping(12)
+    _libc.munmap(base + 4 * PAGE, 4 * PAGE)
+    reply = c.send_request(c.request([{"start": base, "length": 12 * PAGE, "source": "img"}]))
+    c.uffd().register(base, 4 * PAGE)  # undone: another uffd may take it
+    return reply
+
+
+@case("not_registered")
+def registered_claimed_but_not_registered(c: Ctx) -> hp.Message | None:
+    # Believed, this served nothing: the pages were ordinary memory and read zeros.
+    return c.send_request(c.request(registered=True))
+
+
+@case("not_registered")
+def registered_claimed_for_another_uffd(c: Ctx) -> hp.Message | None:
+    ranges = c.ranges()
+    c.uffd().register(ranges[0]["start"], ranges[0]["length"])
+    return c.send_request(c.request(ranges, registered=True))
+
+
+@case("not_registered")
+def registered_claimed_but_only_half_is(c: Ctx) -> hp.Message | None:
+    ranges = c.ranges(npages=8)
+    u = c.uffd()
+    u.register(ranges[0]["start"], 4 * PAGE)
+    return c.send(packed(c.request(ranges, registered=True)), [u.fileno()])
+
+
+@case("not_registered", concurrent=False)
+def registered_claimed_over_a_hole(c: Ctx) -> hp.Message | None:
+    base = c.mapping(12)
+    _libc.munmap(base + 4 * PAGE, 4 * PAGE)
+    u = c.uffd()
+    u.register(base, 12 * PAGE)  # the kernel takes it: a hole is not an error there
+    return c.send(packed(c.request([{"start": base, "length": 12 * PAGE, "source": "img"}], registered=True)),
+                  [u.fileno()])
+
+
+@case("not_registered")
+def registered_claimed_in_write_protect_mode_only(c: Ctx) -> hp.Message | None:
+    # Registered with this uffd, but not for missing pages: no fault would reach the daemon.
+    ranges = c.ranges()
+    u = c.uffd(abi.UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    u.register(ranges[0]["start"], ranges[0]["length"], abi.UFFDIO_REGISTER_MODE_WP)
+    return c.send(packed(c.request(ranges, registered=True, features=abi.UFFD_FEATURE_PAGEFAULT_FLAG_WP)),
+                  [u.fileno()])
+
+
 @case("overlap")
 def overlapping_ranges(c: Ctx) -> hp.Message | None:
     base = c.mapping(8)
@@ -878,3 +930,24 @@ def test_max_sessions_exceeded(tmp_path: Path) -> None:
             kill(holder)
         mark.wait_for(lambda ln: ln.get("event") == "session_ended" and ln.get("pid") == holder.pid)
         good_restore(d)
+
+
+def test_range_registered_by_the_restorer_is_served(shared: DaemonHandle, fd_baseline: list[str]) -> None:
+    """The honest ``registered: true``: the ranges are this uffd's, in
+    missing mode, every byte; the daemon verifies that and serves them."""
+    size = 1 * MiB
+    expected = shared.images["img"].read_bytes()[:size]
+    opts = hp.SessionOptions(fill=False, fault_around=False)
+    mem, addr = map_anonymous(size)
+    try:
+        with Handoff.connect(shared.socket) as h, Userfaultfd.create() as uffd:
+            uffd.api(0)
+            uffd.register(addr, size)
+            h.send(uffd, [hp.RangeSpec(addr, size, "img", 0)], registered=True, options=opts, keep_uffd=False)
+            assert mem[:] == expected, "wrong bytes in the restored memory"
+            done = h.wait(timeout=30)
+        assert done.pages == size // PAGE
+        assert done.bytes_copied + done.bytes_zero == size
+    finally:
+        mem.close()
+    assert_fds_back_to(shared, fd_baseline)

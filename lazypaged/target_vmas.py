@@ -1,0 +1,67 @@
+"""What a target's address space holds over a restore's ranges, from /proc.
+
+``UFFDIO_REGISTER`` succeeds over a range with holes in it, and a request
+may claim registrations it does not have: both would leave pages the
+daemon never hears about, which the target then reads as zeros. The
+kernel's own view of the mappings (``/proc/PID/maps``, and the ``VmFlags``
+of ``/proc/PID/smaps``) is what the handoff checks a range against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: VmFlags mnemonic of VM_UFFD_MISSING: some uffd is registered there in missing mode.
+UFFD_MISSING_FLAG = "um"
+
+
+@dataclass(frozen=True, slots=True)
+class Vma:
+    start: int
+    end: int
+    #: VmFlags mnemonics (only read from smaps; empty from maps).
+    flags: frozenset[str] = frozenset()
+
+
+def read_vmas(pid: int, *, flags: bool = False) -> list[Vma]:
+    """The mappings of ``pid`` in address order; with ``flags``, their VmFlags too.
+
+    ``flags`` reads smaps, which walks the page tables: only ask when needed.
+    Raises OSError when the process cannot be read (gone, not ours to see).
+    """
+    path = f"/proc/{pid}/smaps" if flags else f"/proc/{pid}/maps"
+    with open(path, encoding="ascii", errors="replace") as f:
+        text = f.read()
+    out: list[Vma] = []
+    cur: tuple[int, int] | None = None
+    for line in text.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and not head.endswith(":"):
+            if cur is not None:
+                out.append(Vma(*cur))
+            lo, _, hi = head.partition("-")
+            cur = (int(lo, 16), int(hi, 16))
+        elif head == "VmFlags:" and cur is not None:
+            out.append(Vma(cur[0], cur[1], frozenset(line.split()[1:])))
+            cur = None
+    if cur is not None:
+        out.append(Vma(*cur))
+    return out
+
+
+def first_gap(vmas: list[Vma], start: int, end: int, flag: str | None = None) -> tuple[int, int] | None:
+    """The first part of [start, end) no mapping covers (or none with ``flag``); None if all is."""
+    at = start
+    for v in vmas:
+        if v.end <= at:
+            continue
+        if v.start >= end:
+            break
+        if v.start > at:
+            return at, v.start
+        if flag is not None and flag not in v.flags:
+            return at, min(v.end, end)
+        at = v.end
+        if at >= end:
+            return None
+    return (at, end) if at < end else None
