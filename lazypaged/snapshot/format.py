@@ -238,15 +238,48 @@ def encode_header(h: Header) -> bytes:
     return zf.skippable_frame(body + xxhash.xxh3_64_digest(body))
 
 
+#: The bytes that say "lazypaged snapshot": the skippable frame's magic at 0, LZPGSNAP at 8.
+_FRAME_MAGIC = zf.SKIPPABLE_MAGIC.to_bytes(4, "little")
+_IDENTITY = _FRAME_MAGIC + MAGIC
+#: A file whose identifying bytes are this close to a snapshot's is a damaged
+#: snapshot, not a raw image: at most this many of their 96 bits differ, or at
+#: least this many of their 12 bytes are exact. Random bytes come this close
+#: about once in 10**11 files; all-zero or all-one pages are 36 and 60 bits off.
+NEAR_MISS_BITS = 16
+NEAR_MISS_BYTES = 6
+
+
 def looks_like_snapshot(first_bytes: bytes) -> bool:
     """True if a file starts like a lazypaged snapshot (whatever its state)."""
-    return len(first_bytes) >= 16 and first_bytes[8:16] == MAGIC and first_bytes[:4] == b"\x50\x2a\x4d\x18"
+    return len(first_bytes) >= 16 and first_bytes[8:16] == MAGIC and first_bytes[:4] == _FRAME_MAGIC
+
+
+def magic_distance(first_bytes: bytes) -> int | None:
+    """Bits by which a file's identifying bytes differ from a snapshot's; None
+    for a file too short to have them."""
+    if len(first_bytes) < 16:
+        return None
+    got = first_bytes[:4] + first_bytes[8:16]
+    return (int.from_bytes(got, "little") ^ int.from_bytes(_IDENTITY, "little")).bit_count()
+
+
+def near_miss(first_bytes: bytes) -> bool:
+    """True if a file starts almost, but not exactly, like a snapshot: a
+    snapshot whose magic was damaged, which must never pass for a raw image."""
+    bits = magic_distance(first_bytes)
+    if bits is None or bits == 0:
+        return False
+    same = sum(a == b for a, b in zip(first_bytes[:4] + first_bytes[8:16], _IDENTITY, strict=True))
+    return bits <= NEAR_MISS_BITS or same >= NEAR_MISS_BYTES
 
 
 def parse_header(data: bytes, actual_size: int) -> Header:
     """The header from the file's first bytes, checked against the file's real size."""
     if len(data) < HEADER_FRAME:
         raise FormatError(f"truncated: {len(data)} bytes is shorter than the {HEADER_FRAME}-byte header")
+    if near_miss(data):
+        bits = magic_distance(data)
+        raise FormatError(f"damaged snapshot header: its magic is {bits} bit{'s' * (bits != 1)} off")
     if not looks_like_snapshot(data):
         raise FormatError("not a lazypaged snapshot (wrong magic)")
     _, size = zf.parse_skippable_header(data)

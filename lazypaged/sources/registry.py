@@ -11,9 +11,15 @@ A file changed in the meantime (size or ctime) is opened anew.
 Names of the form ``peer://HOST:PORT/NAME`` are exports of another lazypaged,
 read over the network (sources/remote.py); they bypass the directory rules.
 
-A snapshot is a regular file: a lazypaged snapshot (recognised by its magic)
-or a raw memory image. Anything else is refused without being opened (a
-FIFO in a snapshot directory would otherwise block the daemon in open()).
+A snapshot is a regular file: a lazypaged snapshot or a raw memory image,
+the kind decided by sources/open.py from the name (``*.lzs`` must be a
+snapshot) and the exact magic; a near miss of the magic is refused, never
+served raw. Anything else is refused without being opened (a FIFO in a
+snapshot directory would otherwise block the daemon in open()).
+
+:meth:`SourceRegistry.reload` takes new snapshot directories (SIGHUP): they
+govern every lookup after it, while sources already open stay open for the
+sessions using them.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import os
 import stat
 from pathlib import Path
 
-from ..config import RemoteConfig
+from ..config import Config, RemoteConfig
 from .base import PageSource, SourceError
 from .open import open_source
 from .remote import PeerPool, RemoteSource
@@ -54,9 +60,34 @@ class SourceRegistry:
         self._linger_s = linger
         self._dirs = [Path(os.path.realpath(d)) for d in snapshot_dirs]
         self._open: dict[_Key, tuple[PageSource, int]] = {}
+        self._paths: dict[_Key, Path] = {}
         self._idle: dict[_Key, asyncio.TimerHandle] = {}
         #: ``peer://HOST:PORT/NAME`` sources, shared per peer (sources/remote.py).
         self.peers = PeerPool(remote)
+
+    @property
+    def snapshot_dirs(self) -> tuple[Path, ...]:
+        return tuple(self._dirs)
+
+    def reload(self, cfg: Config) -> None:
+        """Adopt ``cfg``'s snapshot directories and linger time for lookups from now on.
+
+        Sources in use stay open until their sessions release them (a running
+        restore must not lose its pages to a configuration change); idle ones
+        that no longer lie inside a configured directory are closed now, so a
+        directory taken out of the configuration stops being served at once."""
+        self._dirs = [Path(os.path.realpath(d)) for d in cfg.snapshot_dirs]
+        self._linger_s = cfg.source_linger
+        for key, path in list(self._paths.items()):
+            entry = self._open.get(key)
+            if entry is not None and entry[1] <= 0 and not self._inside(path):
+                idle = self._idle.pop(key, None)
+                if idle is not None:
+                    idle.cancel()
+                self._close_idle(key)
+
+    def _inside(self, path: Path) -> bool:
+        return any(path.is_relative_to(d) for d in self._dirs)
 
     def resolve(self, name: str) -> Path:
         """The real path of snapshot ``name``, or raise."""
@@ -99,6 +130,7 @@ class SourceRegistry:
         except OSError as e:
             raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
         self._open[key] = (src, 1)
+        self._paths[key] = path
         return src
 
     async def acquire_async(self, name: str) -> PageSource:
@@ -136,6 +168,7 @@ class SourceRegistry:
         entry = self._open.get(key)
         if entry is not None and entry[1] <= 0:
             del self._open[key]
+            self._paths.pop(key, None)
             entry[0].close()
 
     def close(self) -> None:
@@ -146,3 +179,4 @@ class SourceRegistry:
         for s, _ in self._open.values():
             s.close()
         self._open.clear()
+        self._paths.clear()
