@@ -72,6 +72,9 @@ RESUME_PENDING = MAX_PENDING * 3 // 4
 #: handshake frees a descriptor and retries at once.
 ACCEPT_RETRY_DELAY = 0.1
 ACCEPT_RETRY_MAX = 2.0
+#: At shutdown, how long the connections of ended sessions may take to write
+#: their last frame (one small frame each) before they are cut.
+REPLY_FLUSH_TIMEOUT = 5.0
 #: Descriptors received with one message. The protocol wants one; room for a
 #: few more lets a client that sent two get ``too_many_fds`` rather than a
 #: truncation (more than this many is refused as ``malformed``).
@@ -93,6 +96,8 @@ class HandoffServer:
         self._owns_path = False
         self._sock: socket.socket | None = None
         self._conns: set[asyncio.Task[None]] = set()
+        #: Connections of running sessions: they owe their restorer a last frame.
+        self._reporting: set[asyncio.Task[None]] = set()
         self._pending = 0
         self._accepting = False
         self._retry: asyncio.TimerHandle | None = None
@@ -128,9 +133,24 @@ class HandoffServer:
             with contextlib.suppress(FileNotFoundError):
                 self.cfg.handoff_socket.unlink()
 
-    async def close_connections(self) -> None:
+    async def close_connections(self, flush_timeout: float = REPLY_FLUSH_TIMEOUT) -> None:
+        """Cut connections still owing their request; let the others write their last frame.
+
+        The daemon calls this once its sessions have ended, often in the
+        same loop iteration as the last one: cancelling a session's
+        connection then would drop the ``complete`` or ``failed`` frame its
+        restorer waits for. Those get ``flush_timeout`` seconds in all.
+        """
         for t in list(self._conns):
-            t.cancel()
+            if t not in self._reporting:
+                t.cancel()
+        owed = [t for t in self._conns if not t.done()]
+        if owed:
+            _, late = await asyncio.wait(owed, timeout=flush_timeout)
+            for t in late:
+                t.cancel()
+            if late:
+                self.log.warning("replies_unsent", connections=len(late), waited_s=flush_timeout)
         await asyncio.gather(*self._conns, return_exceptions=True)
 
     # -- accepting ---------------------------------------------------------------
@@ -195,6 +215,16 @@ class HandoffServer:
             self._request_done()
         if session is None:
             return
+        task = asyncio.current_task()
+        assert task is not None
+        self._reporting.add(task)
+        try:
+            await self._report(conn, session)
+        finally:
+            self._reporting.discard(task)
+
+    async def _report(self, conn: socket.socket, session: RestoreSession) -> None:
+        """Tell the restorer its session started, then how it ended."""
         await self._send(conn, hp.Accepted(session.id))
         session.log.info(
             "session_started",

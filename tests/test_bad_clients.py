@@ -34,7 +34,8 @@ import pytest
 
 from lazypaged import handoff_protocol as hp
 from lazypaged.client import Handoff, map_anonymous
-from lazypaged.handoff_server import MAX_PENDING, Refused, _open_target
+from lazypaged.handoff_server import MAX_PENDING, _open_target
+from lazypaged.received_uffd import Refused
 from lazypaged.uffd import Userfaultfd, abi
 from lazypaged.unixsock import PeerCred
 

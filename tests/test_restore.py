@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import time
 
 import pytest
+
+from lazypaged import handoff_protocol as hp
+from lazypaged.client import Handoff, map_anonymous
+from lazypaged.uffd import Userfaultfd
 
 from .conftest import DaemonHandle, MiB, finish, kill
 
@@ -96,3 +101,35 @@ def test_many_targets_at_once(daemon: DaemonHandle) -> None:
     for p in procs:
         rc, lines, err = finish(p, timeout=120)
         assert rc == 0, (lines, err)
+
+
+def _wait_log(d: DaemonHandle, event: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(ln.get("event") == event for ln in d.log_lines()):
+        assert time.monotonic() < deadline, f"no {event} line in the log"
+        time.sleep(0.02)
+
+
+def test_complete_frame_survives_shutdown(daemon: DaemonHandle) -> None:
+    """SIGTERM while a session whose uffd only the daemon holds runs: the
+    daemon serves it to the end, and its restorer still hears ``complete``
+    before the connection closes (it used to be cut off without a frame)."""
+    size = 1 * MiB
+    expected = daemon.image("img", size).read_bytes()
+    opts = hp.SessionOptions(fill=False, fault_around=False)
+    mem, addr = map_anonymous(size)
+    try:
+        with Handoff.connect(daemon.socket) as h:
+            with Userfaultfd.create() as uffd:
+                uffd.api(0)
+                h.send(uffd, [hp.RangeSpec(addr, size, "img", 0)], options=opts, keep_uffd=False)
+            daemon.proc.send_signal(signal.SIGTERM)
+            _wait_log(daemon, "stopping")
+            assert mem[:] == expected, "wrong bytes in the restored memory"
+            done = h.wait(timeout=30)
+        assert done.pages == size // mmap.PAGESIZE
+        assert done.bytes_copied + done.bytes_zero == size
+        assert done.pages_poisoned == 0
+    finally:
+        mem.close()
+    assert daemon.proc.wait(timeout=30) == 0
