@@ -438,3 +438,108 @@ def test_random_bit_flips_in_data_frames(loop: Loop) -> None:
 def test_random_bit_flips_in_data_frames_20_restores(loop: Loop) -> None:
     """``FLIP_SEED=N`` picks another sequence of flips (11 by default)."""
     run_random_flips(loop, restores=20, rate=0.01, limit=10, seed=int(os.environ.get("FLIP_SEED", "11")))
+
+
+# -- an exporter lost for good, and a link down at handoff time -------------------------------
+
+LOSS_TARGET = HERE / "peer_loss_target.py"
+
+
+@dataclass
+class Hosts2:
+    """Two namespaces with an exporter in A; the reader is started by each test."""
+
+    hosts: netns.Hosts
+    tmp: Path
+    image: Path
+    pki: Any
+    exporter: netns.NsDaemon
+    reader: netns.NsDaemon | None = None
+
+    def start_reader(self, deadline: float, policy: str = "sigbus") -> netns.NsDaemon:
+        (self.tmp / "b-snaps").mkdir(exist_ok=True)
+        self.reader = start_reader(self.hosts, self.tmp, self.tmp / "b-snaps", self.pki, stall=1.0,
+                                   deadline=deadline, session=f'failure_policy = "{policy}"')
+        return self.reader
+
+
+@pytest.fixture
+def hosts2(tmp_path: Path) -> Iterator[Hosts2]:
+    if netns.available():
+        pytest.skip(netns.available())
+    hosts = netns.Hosts()
+    setup: Hosts2 | None = None
+    try:
+        hosts.create()
+        snaps = tmp_path / "a-snaps"
+        snaps.mkdir()
+        make_image(snaps / "img", 32 * MiB)
+        pki = make_pki(tmp_path / "pki")
+        exporter = start_exporter(hosts, tmp_path, snaps, ["img"], pki)
+        setup = Hosts2(hosts, tmp_path, snaps / "img", pki, exporter)
+        yield setup
+        bugs = [e for d in (setup.exporter, setup.reader) if d is not None for e in d.events()
+                if e.get("event") in ("session_bug", "export_bug")]
+        assert not bugs, bugs
+    finally:
+        if setup is not None:
+            for d in (setup.reader, setup.exporter):
+                if d is not None:
+                    d.stop()
+        hosts.destroy()
+
+
+def _json_line(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+    """The target's next JSON line (blocking: the target prints it when ``what`` happened)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("{"), f"no {what} line; got {line!r}, stderr: {proc.stderr.read() if proc.stderr else ''}"
+    out: dict[str, Any] = json.loads(line)
+    return out
+
+
+#: How late a poisoned touch may end after the deadline (or after it began,
+#: if it began later): the link noticed, the reads failed, the pages
+#: poisoned, on a loaded 2-vCPU machine.
+LATE_BOUND = 2.0
+
+
+def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> None:
+    """The exporter is SIGKILLed mid-restore and never comes back; policy
+    ``sigbus``, ``reconnect_deadline`` 2 s. Every page not installed by then
+    is poisoned by the deadline counted from the loss: a touch waiting on the
+    link ends (EFAULT, a user touch's SIGBUS) within a small bound of it, a
+    touch after it at once. Every installed page is right, the session ends
+    with its final frame, and a real touch of a poisoned page raises SIGBUS."""
+    deadline = 2.0
+    reader = hosts2.start_reader(deadline)
+    hosts2.hosts.shape("40mbit")  # 32 MiB take ~7 s: the loss is early in the restore
+    args = [sys.executable, str(LOSS_TARGET), "--socket", str(reader.socket), "--image", str(hosts2.image),
+            "--name", peer_url("img"), "--size", str(32 * MiB), "--first", str(MiB), "--deadline", str(deadline)]
+    t = hosts2.hosts.popen("b", args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        assert _json_line(t, "accepted").get("accepted")
+        ready = _json_line(t, "ready")
+        assert ready.get("ready") and ready["early_poisoned"] == 0, ready
+        hosts2.exporter.kill()  # SIGKILL, reaped: gone for good
+        killed_at = time.monotonic()
+        assert t.stdin is not None
+        t.stdin.write(f"{killed_at}\n")
+        t.stdin.flush()
+        rc, lines, err = finish(t, 120)
+    finally:
+        kill(t)
+    summary = next((ln for ln in lines if "worst_late_s" in ln), {})
+    final = next((ln for ln in lines if "final" in ln), {})
+    print(json.dumps({"deadline_s": deadline, **summary, "final": final.get("final"), "rc": rc}))
+    assert summary, (lines, err[-2000:])
+    assert summary["wrong_pages"] == 0, summary
+    assert summary["installed_pages"] >= MiB // PAGE, summary
+    assert summary["poisoned_pages"] > 0, summary
+    assert summary["worst_late_s"] <= LATE_BOUND, summary
+    assert final.get("final") == "complete", (final, err[-2000:])
+    assert any("touching" in ln for ln in lines), lines
+    assert rc == -7, (rc, lines, err[-2000:])  # SIGBUS
+    ended = _named(reader.events(), "session_ended")
+    assert ended and ended[-1]["outcome"] == "complete", ended

@@ -17,9 +17,12 @@ Theory of operation.
   exponential backoff, re-opens its exports, checks that each is still the
   same image (its identity), and sends again every read that was in flight.
   Callers just keep waiting: a faulting thread stays blocked, it never sees
-  an error for a blip. Once a link has been down for ``reconnect_deadline``
-  the reads waiting on it fail with SourceError, and so does their session
-  (the target stays blocked; it never gets zeros).
+  an error for a blip. The deadline is counted from the loss (for a stall:
+  from the last byte received), not from each read: once the link has been
+  down for ``reconnect_deadline`` the reads waiting on it fail with
+  SourceError, and every read asked of it later fails at once, until a
+  connection succeeds again (the link keeps trying, ``backoff_max`` apart).
+  The failure policy then decides; a failed read never becomes zeros.
 * Refusals that retrying cannot fix fail at once: a TLS handshake the peer
   or we rejected, no common protocol version, an export that is gone or
   now holds another image.
@@ -169,6 +172,8 @@ class _LinkProtocol(asyncio.BufferedProtocol):
         self.opened: set[int] = set()
         self.error: str = ""
         self.pinged = False
+        #: Set by the stall watchdog: the link died when it fell silent, not when noticed.
+        self.silent_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
@@ -285,7 +290,11 @@ class _Link:
         self.sent: dict[int, _Pending] = {}
         self.proto: _LinkProtocol | None = None
         self.connector: asyncio.Task[None] | None = None
+        #: Loop time the link was lost (or its first connect began); None while up.
         self.down_since: float | None = None
+        #: Why reads fail at once: down past the deadline (until it connects again).
+        self.unreachable = ""
+        self._deadline: asyncio.TimerHandle | None = None
         self.last_error = ""
         self.closed = False
         self.connects = 0
@@ -312,6 +321,9 @@ class _Link:
             raise SourceError(export.broken)
         if self.closed:
             raise SourceError(f"{self.peer.label}: source closed")
+        if self.unreachable:
+            self._ensure_connecting()
+            raise SourceError(self._unreachable_message())
         fut: asyncio.Future[pp.ReadDone] = asyncio.get_running_loop().create_future()
         p = _Pending(export, offset, length, fut, sink=sink, owner=owner)
         self.queue.append(p)
@@ -335,6 +347,9 @@ class _Link:
             self._ensure_connecting()
             return
         conn = proto.conn
+        if not self.sent and self.queue:
+            # Nothing was expected until now: the silence before does not count.
+            proto.last_rx = asyncio.get_running_loop().time()
         while self.queue and conn.inflight < conn.max_inflight:
             p = self.queue.popleft()
             if p.future.done():
@@ -359,11 +374,18 @@ class _Link:
             self.connector = asyncio.get_running_loop().create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
+        """Connect, with backoff, until it works or the link is closed.
+
+        The deadline is not checked here but by a timer from the moment the
+        link went down (:meth:`_went_down`): an attempt hanging in
+        ``connect_timeout`` must not push it back, nor must a read that
+        arrives later restart it. Past the deadline the loop goes on, so a
+        peer that comes back is found again."""
         loop = asyncio.get_running_loop()
         cfg = self.peer.pool.cfg
         delay = _BACKOFF_START
         if self.down_since is None:
-            self.down_since = loop.time()
+            self._went_down(loop.time())
         try:
             while not self.closed:
                 try:
@@ -372,39 +394,69 @@ class _Link:
                     self.last_error = str(e)
                     self.log.error("peer_refused_us", error=str(e))
                     self._fail_all(f"{self.peer.label}: {e}")
-                    self.down_since = None
+                    self._came_back()
                     return
                 except (OSError, TimeoutError, ConnectionError) as e:
                     self.last_error = (
                         _describe(e) if not isinstance(e, TimeoutError) else "connection attempt timed out"
                     )
-                    waited = loop.time() - self.down_since
-                    if waited >= cfg.reconnect_deadline:
-                        self.log.error("peer_unreachable", waited_s=round(waited, 3), error=self.last_error)
-                        self._fail_all(
-                            f"{self.peer.label}: no connection for {waited:.1f} s (deadline "
-                            f"{cfg.reconnect_deadline} s); last error: {self.last_error}"
-                        )
-                        self.down_since = None
-                        return
-                    await asyncio.sleep(min(delay, max(0.0, cfg.reconnect_deadline - waited)))
+                    await asyncio.sleep(delay)
                     delay = min(delay * 2, cfg.backoff_max)
                     continue
                 self.proto = proto
                 if self.paused:
                     proto.hold(True)
                 self.connects += 1
+                assert self.down_since is not None
                 self.log.info(
                     "peer_link_up",
                     connects=self.connects,
-                    down_s=round(loop.time() - self.down_since, 3) if self.connects > 1 else None,
+                    down_s=round(loop.time() - self.down_since, 3) if self.connects > 1 or self.unreachable else None,
                     resent=len(self.queue),
                 )
-                self.down_since = None
+                self._came_back()
                 self._pump()
                 return
         finally:
             self.connector = None
+
+    def _went_down(self, since: float) -> None:
+        """Start the deadline clock at ``since``: the link is lost from then."""
+        self.down_since = since
+        if self._deadline is not None:
+            self._deadline.cancel()
+        due = since + self.peer.pool.cfg.reconnect_deadline
+        self._deadline = asyncio.get_running_loop().call_at(due, self._deadline_passed)
+
+    def _came_back(self) -> None:
+        self.down_since = None
+        self.unreachable = ""
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _deadline_passed(self) -> None:
+        """Down for ``reconnect_deadline``: fail what waits, and what comes, at once."""
+        self._deadline = None
+        if self.proto is not None or self.down_since is None or self.closed:
+            return
+        self.unreachable = self.last_error or "no connection yet"
+        message = self._unreachable_message()
+        self.log.error(
+            "peer_unreachable",
+            waited_s=round(asyncio.get_running_loop().time() - self.down_since, 3),
+            failed_reads=len(self.queue) + len(self.sent),
+            error=self.last_error,
+        )
+        self._fail_all(message)
+
+    def _unreachable_message(self) -> str:
+        assert self.down_since is not None
+        waited = asyncio.get_running_loop().time() - self.down_since
+        return (
+            f"{self.peer.label}: no connection for {waited:.1f} s (deadline "
+            f"{self.peer.pool.cfg.reconnect_deadline} s); last error: {self.last_error or 'none yet'}"
+        )
 
     async def _connect_once(self) -> _LinkProtocol:
         peer, cfg = self.peer, self.peer.pool.cfg
@@ -468,11 +520,16 @@ class _Link:
         self.queue.extendleft(reversed(waiting))
         if self.role == "urgent":
             self.peer.prioritize()
-        if not self.closed:
-            self.log.warning("peer_link_down", error=why, waiting=len(self.queue))
-        if self.queue and not self.closed:
-            self.down_since = asyncio.get_running_loop().time()
-            self._ensure_connecting()
+        if self.closed:
+            return
+        self.log.warning("peer_link_down", error=why, waiting=len(self.queue))
+        # Reconnect at once even with nothing waiting: the deadline runs from
+        # the loss, so a read that comes later must find the link back, or
+        # fail at once, not wait a whole deadline of its own.
+        now = asyncio.get_running_loop().time()
+        since = proto.silent_since
+        self._went_down(min(now, since) if since is not None else now)
+        self._ensure_connecting()
 
     def _piece(self, ev: pp.ReadPiece) -> None:
         """Hand a verified piece of a streamed read to its sink, now: its
@@ -628,6 +685,7 @@ class _Link:
         stall = self.peer.pool.cfg.stall_timeout
         if idle >= stall:
             self.log.warning("peer_stalled", idle_s=round(idle, 3), outstanding=len(self.sent))
+            proto.silent_since = proto.last_rx
             proto.abort(f"nothing received for {idle:.1f} s with {len(self.sent)} reads outstanding")
             return
         if idle >= stall / 2 and not proto.pinged:
@@ -639,6 +697,9 @@ class _Link:
     def close(self) -> None:
         self.closed = True
         self._disarm()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._gap is not None:
             self._gap.cancel()
             self._gap = None
