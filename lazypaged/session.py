@@ -1056,6 +1056,10 @@ class RestoreSession:
             fill=self._fill_enabled,
             log=structlog.get_logger().bind(session=sid, kind=self.kind, parent=self.id),
             host=self.host,
+            # Every per-request option the child's memory is served under.
+            # Not the working set: the child's faults are not the image's
+            # first touches, so it neither records nor replays.
+            failure_policy=self.failure_policy,
         )
         self.log.info("target_forked", child_session=sid)
         self.host.adopt(child)
