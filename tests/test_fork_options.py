@@ -31,7 +31,8 @@ def test_child_inherits_failure_policy(tmp_path: Path) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdin is not None
         line = proc.stdout.readline()
         assert line.startswith("{"), line
         os.truncate(image, SIZE // 2)
@@ -54,7 +55,8 @@ def test_child_inherits_failure_policy(tmp_path: Path) -> None:
         assert forked
         child = forked[0]["child_session"]
         ended = [x for x in d.log_lines() if x.get("event") == "session_ended" and x.get("session") == child]
-        assert ended and ended[0]["failure_policy"] == "sigbus", ended
+        assert ended, child
+        assert ended[0]["failure_policy"] == "sigbus", ended
     finally:
         if proc.poll() is None:
             proc.kill()
