@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from lazypaged.cli import main
 from lazypaged.snapshot import SnapshotReader
 from lazypaged.snapshot.commands import parse_size
 
-from .snapshot_images import flip_bit, write_image
+from .snapshot_images import PAGE, flip_bit, write_image
 
 SIZE = 2 << 20
 
@@ -133,3 +134,103 @@ def test_from_pid_with_progress_bar(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+# -- where create writes ------------------------------------------------------------------
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _no_leftovers(d: Path) -> None:
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".")], list(d.iterdir())
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_create_refuses_to_write_over_its_input(
+    tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str], force: bool
+) -> None:
+    before = raw.read_bytes()
+    link = tmp_path / "alias.raw"
+    link.symlink_to(raw.name)
+    hard = tmp_path / "hard.raw"
+    os.link(raw, hard)
+    for out in (raw, link, hard):
+        capsys.readouterr()
+        argv = ["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "-q"] + ["--force"] * force
+        assert main(argv) == 1
+        assert "is the input" in _one_line(capsys.readouterr().err)
+        assert raw.read_bytes() == before
+    _no_leftovers(tmp_path)
+
+
+def test_create_refuses_an_existing_output_unless_forced(
+    tmp_path: Path, raw: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mem.lzs"
+    out.write_bytes(b"precious")
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "-q"]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert "exists" in line
+    assert "--force" in line
+    assert out.read_bytes() == b"precious"
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(out), "-q", "--force"]) == 0
+    with SnapshotReader(out) as rd:
+        assert rd.size == SIZE
+    _no_leftovers(tmp_path)
+    capsys.readouterr()
+    (tmp_path / "adir").mkdir()
+    assert main(["snapshot", "create", "--from-raw", str(raw), "-o", str(tmp_path / "adir"), "-q", "--force"]) == 1
+    assert "directory" in _one_line(capsys.readouterr().err)
+
+
+def test_create_from_pid_and_criu_refuse_existing_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "taken.lzs"
+    out.write_bytes(b"precious")
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert main(["snapshot", "create", "--from-pid", str(child.pid), "-o", str(out), "-q"]) == 1
+        assert "exists" in _one_line(capsys.readouterr().err)
+        with open(f"/proc/{child.pid}/stat") as f:
+            assert f.read().rpartition(")")[2].split()[0] != "T"  # never stopped
+    finally:
+        child.kill()
+        child.communicate()
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(bytes(PAGE))
+    assert main(["snapshot", "create", "--from-criu", str(images), "-o", str(out), "-q"]) == 1
+    assert "exists" in _one_line(capsys.readouterr().err)
+    assert out.read_bytes() == b"precious"
+    # An output that is one of the images is refused even when forced.
+    target = images / "pages-1.img"
+    assert main(["snapshot", "create", "--from-criu", str(images), "-o", str(target), "-q", "--force"]) == 1
+    assert "is the input" in _one_line(capsys.readouterr().err)
+    assert target.read_bytes() == bytes(PAGE)
+
+
+def test_failed_create_leaves_nothing_under_the_output_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "odd.raw"
+    bad.write_bytes(bytes(PAGE + 7))
+    out = tmp_path / "out.lzs"
+    assert main(["snapshot", "create", "--from-raw", str(bad), "-o", str(out), "-q"]) == 2  # unusable input
+    _one_line(capsys.readouterr().err)
+    empty = tmp_path / "images"
+    empty.mkdir()
+    assert main(["snapshot", "create", "--from-criu", str(empty), "-o", str(out), "-q"]) == 1
+    _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_library_create_from_raw_refuses_its_input_as_output(raw: Path) -> None:
+    from lazypaged.snapshot import create_from_raw
+
+    before = raw.read_bytes()
+    with pytest.raises(ValueError, match="is the input"):
+        create_from_raw(raw, raw)
+    assert raw.read_bytes() == before

@@ -1,19 +1,31 @@
 """``lazypaged snapshot create|inspect|verify``: the command-line front.
 
 Exit codes follow the rest of the CLI: 0 success (for verify: sound),
-1 failure (for verify: corrupt), 2 usage error or unreadable input.
+1 failure (for verify: corrupt; for create: an output that would replace its
+input or, without ``--force``, an existing file), 2 usage error or unusable
+input. Every failure is one line on stderr, never a traceback.
+
+``create`` writes under a temporary name in the output's directory and moves
+the finished file into place at the end, as ``zstd`` does: a failed or
+interrupted run leaves nothing under the output name, and an existing file
+is only replaced with ``--force`` (and never when it is the input itself).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -61,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     src.add_argument("--from-pid", metavar="PID", type=int, help="a live process (stopped while captured)")
     src.add_argument("--from-criu", metavar="DIR", help="a CRIU images directory (one region per lazy range)")
     create.add_argument("-o", "--output", required=True, metavar="OUT", help="snapshot file to write")
+    create.add_argument("-f", "--force", action="store_true", help="replace OUT if it exists (never the input)")
     create.add_argument("--level", type=int, default=DEFAULT_LEVEL, help=f"zstd level (default {DEFAULT_LEVEL})")
     create.add_argument(
         "--chunk-size",
@@ -115,23 +128,86 @@ def summary(st: WriteStats) -> str:
     )
 
 
-def _create(args: argparse.Namespace) -> int:
-    opts = {"chunk_size": args.chunk_size, "level": args.level, "raw": args.raw}
+class OutputRefused(Exception):
+    """The output name may not be written: it is the input, or exists without --force."""
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """Files the run reads, which its output must never replace."""
+    if args.from_raw is not None:
+        return [Path(args.from_raw)]
+    if args.from_criu is not None:
+        d = Path(args.from_criu)
+        try:
+            return [d, *d.iterdir()]
+        except OSError:
+            return [d]  # unreadable: the conversion itself will say so
+    return []
+
+
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    """Raise OutputRefused unless ``out`` may be written (checked again when
+    the file is moved into place, where an existing one is not replaced
+    unless forced)."""
     try:
-        with _progress(args.quiet, "capturing" if args.from_pid else "compressing") as (advance, total):
-            if args.from_raw is not None:
-                total(os.stat(args.from_raw).st_size)
-                st = create_from_raw(args.from_raw, args.output, progress=advance, **opts)
-            elif args.from_criu is not None:
-                from ..criu.convert import create_from_criu
+        st = os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise OutputRefused(f"{out}: {e.strerror}") from None
+    for p in inputs:
+        try:
+            same = os.path.samestat(st, os.stat(p))
+        except OSError:
+            continue
+        if same:
+            raise OutputRefused(f"output {out} is the input {p}: write the snapshot to another file")
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputRefused(f"output {out} is a directory")
+    if not force:
+        raise OutputRefused(f"output {out} exists: use --force to replace it")
 
-                st = create_from_criu(args.from_criu, args.output, progress=advance, **opts)
-            else:
 
-                def sized(maps: list[Mapping]) -> None:
-                    total(sum(m.length for m in maps))
+def _place(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished file to its name; without ``force`` only if nothing
+    took the name meanwhile (a hard link fails rather than replaces)."""
+    if force:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise OutputRefused(
+            f"output {out} appeared while the snapshot was written: use --force to replace it"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        # A filesystem without hard links: the check and the rename are two steps.
+        if os.path.lexists(out):
+            raise OutputRefused(f"output {out} exists: use --force to replace it") from None
+        os.rename(tmp, out)
+        return
+    os.unlink(tmp)
 
-                st = capture_pid(args.from_pid, args.output, progress=advance, on_stopped=sized, **opts)
+
+def _create(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    try:
+        check_output(out, _inputs(args), args.force)
+    except OutputRefused as e:
+        _err(str(e))
+        return EXIT_FAIL
+    tmp = out.with_name(f".{out.name}.create-{os.getpid()}")
+    try:
+        st = _write(args, tmp)
+        # Inputs are checked once more: the output may have been made a link to one meanwhile.
+        check_output(out, _inputs(args), force=True)
+        _place(tmp, out, args.force)
+        st = dataclasses.replace(st, path=out)
+    except OutputRefused as e:
+        _err(str(e))
+        return EXIT_FAIL
     except ValueError as e:
         _err(str(e))
         return EXIT_USAGE
@@ -142,10 +218,31 @@ def _create(args: argparse.Namespace) -> int:
         _err(f"CRIU images: {e}")
         return EXIT_FAIL
     except OSError as e:
-        _err(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e))
+        _err(f"{e.filename}: {e.strerror or e}" if e.filename else (e.strerror or str(e)))
         return EXIT_FAIL
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     print(summary(st))
     return EXIT_OK
+
+
+def _write(args: argparse.Namespace, dest: Path) -> WriteStats:
+    """Run the capture or conversion the arguments ask for, into ``dest``."""
+    opts = {"chunk_size": args.chunk_size, "level": args.level, "raw": args.raw}
+    with _progress(args.quiet, "capturing" if args.from_pid else "compressing") as (advance, total):
+        if args.from_raw is not None:
+            total(os.stat(args.from_raw).st_size)
+            return create_from_raw(args.from_raw, dest, progress=advance, **opts)
+        if args.from_criu is not None:
+            from ..criu.convert import create_from_criu
+
+            return create_from_criu(args.from_criu, dest, progress=advance, **opts)
+
+        def sized(maps: list[Mapping]) -> None:
+            total(sum(m.length for m in maps))
+
+        return capture_pid(args.from_pid, dest, progress=advance, on_stopped=sized, **opts)
 
 
 def describe(rd: SnapshotReader) -> dict[str, Any]:

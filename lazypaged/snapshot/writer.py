@@ -307,7 +307,14 @@ def create_from_raw(
     """Snapshot of a flat memory file as one region (holes and zero pages found)."""
     fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
+        try:
+            same = os.path.samestat(st, os.stat(out))
+        except FileNotFoundError:
+            same = False
+        if same:  # the rename at the end would replace the image with its own snapshot
+            raise ValueError(f"{out} is the input {src}: write the snapshot to another file")
         if size == 0 or size % PAGE_SIZE:
             raise ValueError(f"{src}: size {size} is not a positive multiple of the page size {PAGE_SIZE}")
         with SnapshotWriter(out, chunk_size=chunk_size, level=level, raw=raw, progress=progress) as w:
