@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import itertools
 import os
@@ -117,6 +118,27 @@ class HandoffServer:
         self._sock.setblocking(False)
         self._resume_accepting()
         self.log.info("listening", path=str(self.cfg.handoff_socket))
+
+    def reload(self, cfg: Config) -> None:
+        """Take ``cfg``'s rules for requests that arrive from now on.
+
+        Access rules, ``request_timeout``, ``max_message_bytes``,
+        ``max_sessions`` and the session defaults apply to connections
+        accepted after this call; running sessions keep the settings they
+        started with (each holds its own). The listening socket stays where
+        it was bound: moving it needs a restart.
+        """
+        keep = self.cfg
+        self.cfg = dataclasses.replace(
+            cfg,
+            handoff_socket=keep.handoff_socket,
+            socket_mode=keep.socket_mode,
+            access=dataclasses.replace(cfg.access, socket_group=keep.access.socket_group),
+        )
+        # Same object: the table of which client owns which session is kept.
+        self.access.cfg = self.cfg.access
+        self.log.info("handoff_reloaded", request_timeout=self.cfg.request_timeout,
+                      max_message_bytes=self.cfg.max_message_bytes, max_sessions=self.cfg.max_sessions)
 
     def stop_accepting(self) -> None:
         sock, self._sock = self._sock, None
