@@ -348,3 +348,24 @@ def test_zstd_cli_with_big_zero_chunks(tmp_path: Path) -> None:
     res = subprocess.run(["zstd", "-d", "-c", "-q", str(out)], capture_output=True, check=False, timeout=30)
     assert res.returncode == 0, res.stderr
     assert res.stdout == data
+
+
+def test_every_flip_of_the_index_counts_is_caught(tmp_path: Path) -> None:
+    """The index checksum covers the records, not the two counts before them:
+    the chunk count must equal the header's (which its checksum covers) and
+    the region count is fixed by the records (regions must tile the chunks
+    exactly). So every single-bit flip of either count is refused."""
+    out = tmp_path / "multi.lzs"
+    with SnapshotWriter(out, chunk_size=4 * PAGE) as w:
+        for i, pages in enumerate((3, 9, 4)):
+            w.add_region(f"r{i}", pages * PAGE, [os.urandom(PAGE) * min(4, pages - k) for k in range(0, pages, 4)])
+        w.finish()
+    with SnapshotReader(out) as rd:
+        counts_at = rd.header.index_offset + zf.SKIPPABLE_HEADER + 24
+    for byte in range(counts_at, counts_at + 8):
+        for bit in range(8):
+            flip_bit(out, byte, bit)
+            with pytest.raises(FormatError):
+                SnapshotReader(out)
+            flip_bit(out, byte, bit)
+    SnapshotReader(out).close()
