@@ -47,7 +47,7 @@ from .sessions import SessionTable
 from .sources import PageSource, SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
 from .sources.remote import PeerPool
-from .target_vmas import UFFD_MISSING_FLAG, first_gap, read_vmas
+from .target_vmas import UFFD_MISSING_FLAG, first_gap, page_mismatch, read_vmas
 from .unixsock import AncillaryTruncated, PeerCred, listen_unix, peer_cred, recv_fds
 
 _abi = _uffd.abi
@@ -377,6 +377,7 @@ class HandoffServer:
         uffd = _uffd.Userfaultfd(fd, features)
         try:
             mappings = [self._mapping(r, acquired) for r in ranges]
+            _check_page_sizes(pid, ranges)
             if req.registered:
                 _check_registered(uffd, pid, ranges)
             else:
@@ -441,6 +442,11 @@ class HandoffServer:
     def _mapping(self, r: hp.RangeSpec, acquired: list[PageSource]) -> Mapping:
         """Open ``r``'s snapshot (appended to ``acquired``) and place it at ``r.start``."""
         with _refusals():
+            if not PeerPool.handles(r.source):
+                self.registry.resolve(r.source)  # forbidden names first
+                if os.path.basename(r.source) in ("", "."):
+                    # The path resolves to the file, but the name says a directory.
+                    raise UnknownSource(f"snapshot name {r.source!r} names a directory, not a snapshot file")
             src = self.registry.acquire(r.source)
         acquired.append(src)
         if r.offset + r.length > src.size:
@@ -541,6 +547,32 @@ def _process_uids(pid: int) -> tuple[int, int, int]:
                 real, effective, saved = (int(x) for x in line.split()[1:4])
                 return real, effective, saved
     raise OSError(errno.ESRCH, f"no Uid line for process {pid}")
+
+
+def _check_page_sizes(pid: int, ranges: list[hp.RangeSpec]) -> None:
+    """A declared ``page_size`` is the one the kernel maps that memory with.
+
+    Huge pages declared over ordinary memory would have the daemon copy a
+    2 MiB piece per fault into 4 KiB pages; the kernel alone knows which
+    memory is hugetlb. (Huge memory declared with base pages is found at
+    registration, without reading smaps.)
+    """
+    declared = [r for r in ranges if r.page_size]
+    if not declared or pid <= 0:
+        return
+    try:
+        vmas = read_vmas(pid, flags=True)
+    except OSError as e:
+        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    for r in declared:
+        v = page_mismatch(vmas, r.start, r.end, r.page_size)
+        if v is not None:
+            raise Refused(
+                "bad_range",
+                f"range {r.start:#x}+{r.length:#x} declares page_size {r.page_size}, but the kernel maps "
+                f"{v.start:#x}..{v.end:#x} with {v.page}-byte pages"
+                + (" (it is not hugetlb memory: leave page_size out)" if v.page == PAGE else ""),
+            )
 
 
 def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> None:

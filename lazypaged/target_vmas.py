@@ -21,6 +21,8 @@ class Vma:
     end: int
     #: VmFlags mnemonics (only read from smaps; empty from maps).
     flags: frozenset[str] = frozenset()
+    #: The page size the kernel maps it with (smaps' KernelPageSize; 0 from maps).
+    page: int = 0
 
 
 def read_vmas(pid: int, *, flags: bool = False) -> list[Vma]:
@@ -34,18 +36,21 @@ def read_vmas(pid: int, *, flags: bool = False) -> list[Vma]:
         text = f.read()
     out: list[Vma] = []
     cur: tuple[int, int] | None = None
+    page = 0
     for line in text.splitlines():
         head = line.split(None, 1)[0] if line else ""
         if "-" in head and not head.endswith(":"):
             if cur is not None:
-                out.append(Vma(*cur))
+                out.append(Vma(*cur, page=page))
             lo, _, hi = head.partition("-")
-            cur = (int(lo, 16), int(hi, 16))
+            cur, page = (int(lo, 16), int(hi, 16)), 0
+        elif head == "KernelPageSize:":
+            page = int(line.split()[1]) * 1024  # always in kB
         elif head == "VmFlags:" and cur is not None:
-            out.append(Vma(cur[0], cur[1], frozenset(line.split()[1:])))
+            out.append(Vma(cur[0], cur[1], frozenset(line.split()[1:]), page))
             cur = None
     if cur is not None:
-        out.append(Vma(*cur))
+        out.append(Vma(*cur, page=page))
     return out
 
 
@@ -65,3 +70,11 @@ def first_gap(vmas: list[Vma], start: int, end: int, flag: str | None = None) ->
         if at >= end:
             return None
     return (at, end) if at < end else None
+
+
+def page_mismatch(vmas: list[Vma], start: int, end: int, page: int) -> Vma | None:
+    """The first mapping over [start, end) whose kernel page size is not ``page``."""
+    for v in vmas:
+        if v.end > start and v.start < end and v.page != page:
+            return v
+    return None

@@ -534,6 +534,27 @@ def registered_claimed_in_write_protect_mode_only(c: Ctx) -> hp.Message | None:
                   [u.fileno()])
 
 
+@case("bad_range")
+def huge_page_size_on_ordinary_memory(c: Ctx) -> hp.Message | None:
+    # 2 MiB pages declared over 4 KiB anonymous memory: the daemon would copy
+    # 2 MiB per fault into memory whose page tables are not huge.
+    huge = 2 * MiB
+    raw = c.mapping(2 * huge // PAGE)
+    start = (raw + huge - 1) & ~(huge - 1)
+    return c.send_request(c.request([{"start": start, "length": huge, "source": "img", "page_size": huge}]))
+
+
+@case("unknown_source")
+def snapshot_name_with_a_trailing_slash(c: Ctx) -> hp.Message | None:
+    # "img/" names a directory; the file "img" is not one.
+    return c.send_request(c.request(c.ranges(source="img/")))
+
+
+@case("unknown_source")
+def snapshot_name_ending_in_a_dot(c: Ctx) -> hp.Message | None:
+    return c.send_request(c.request(c.ranges(source="img/.")))
+
+
 @case("overlap")
 def overlapping_ranges(c: Ctx) -> hp.Message | None:
     base = c.mapping(8)
@@ -949,6 +970,39 @@ def test_range_registered_by_the_restorer_is_served(shared: DaemonHandle, fd_bas
             done = h.wait(timeout=30)
         assert done.pages == size // PAGE
         assert done.bytes_copied + done.bytes_zero == size
+    finally:
+        mem.close()
+    assert_fds_back_to(shared, fd_baseline)
+
+
+def test_descriptor_on_a_later_byte_of_the_frame_is_taken(shared: DaemonHandle, fd_baseline: list[str]) -> None:
+    """The uffd may ride on any sendmsg that carries part of the request
+    frame, not only the one with byte 0 (docs/handoff.md says so)."""
+    size = 1 * MiB
+    expected = shared.images["img"].read_bytes()[:size]
+    mem, addr = map_anonymous(size)
+    try:
+        with connect(shared) as s, Userfaultfd.create() as uffd:
+            uffd.api(0)
+            req = hp.RestoreRequest((hp.RangeSpec(addr, size, "img", 0),),
+                                    options=hp.SessionOptions(fill=False, fault_around=False))
+            data = hp.encode(req)
+            s.sendall(data[:-1])
+            socket.send_fds(s, [data[-1:]], [uffd.fileno()])
+            dec = hp.FrameDecoder()
+            msgs: list[hp.Message] = []
+            while not msgs:
+                chunk = s.recv(65536)
+                assert chunk, "closed without a reply"
+                msgs = dec.feed(chunk)
+            assert isinstance(msgs[0], hp.Accepted), msgs
+            uffd.close()
+            assert mem[:] == expected, "wrong bytes in the restored memory"
+            while len(msgs) < 2:
+                chunk = s.recv(65536)
+                assert chunk, "closed without complete"
+                msgs += dec.feed(chunk)
+            assert isinstance(msgs[1], hp.Complete), msgs
     finally:
         mem.close()
     assert_fds_back_to(shared, fd_baseline)
