@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, load
+from .config import Config, ConfigError, load
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["auto", "json", "console"], help="override daemon.log_format")
     serve.add_argument("--firecracker-socket", type=Path, help="listen for Firecracker's UFFD handshake here")
     serve.add_argument("--mem-file", type=Path, help="guest memory file served to Firecracker")
+    serve.add_argument("--check-config", action="store_true",
+                       help="validate the configuration (with these overrides), print one line, exit 0 or 1")
 
     demo = sub.add_parser("demo", help="make a demo image, serve it and restore a process from it")
     demo.add_argument("--size-mib", type=int, default=256, help="demo image size (default 256)")
@@ -50,6 +52,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def serve_config(args: argparse.Namespace) -> Config:
+    """The configuration file with the command line's overrides on top.
+
+    Called again on every reload (SIGHUP), so an override keeps winning over
+    the file for the daemon's whole life."""
+    from dataclasses import replace
+
+    cfg = load(args.config)
+    if args.handoff_socket:
+        cfg = replace(cfg, handoff_socket=args.handoff_socket)
+    if args.snapshot_dir:
+        cfg = replace(cfg, snapshot_dirs=tuple(args.snapshot_dir))
+    if args.log_format:
+        cfg = replace(cfg, log_format=args.log_format)
+    if args.firecracker_socket or args.mem_file:
+        fc = cfg.firecracker
+        cfg = replace(
+            cfg,
+            firecracker=replace(
+                fc,
+                socket=str(args.firecracker_socket or fc.socket),
+                mem_file=str(args.mem_file or fc.mem_file),
+            ),
+        )
+    return cfg.validate()
+
+
 def main(argv: list[str] | None = None) -> int:
     if "criu-lazy-pages" in (argv := sys.argv[1:] if argv is None else argv):
         from .criu.cli import normalize_argv
@@ -57,33 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         argv = normalize_argv(argv)
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        from dataclasses import replace
-
         from .daemon import serve
 
         try:
-            cfg = load(args.config)
-            if args.handoff_socket:
-                cfg = replace(cfg, handoff_socket=args.handoff_socket)
-            if args.snapshot_dir:
-                cfg = replace(cfg, snapshot_dirs=tuple(args.snapshot_dir))
-            if args.log_format:
-                cfg = replace(cfg, log_format=args.log_format)
-            if args.firecracker_socket or args.mem_file:
-                fc = cfg.firecracker
-                cfg = replace(
-                    cfg,
-                    firecracker=replace(
-                        fc,
-                        socket=str(args.firecracker_socket or fc.socket),
-                        mem_file=str(args.mem_file or fc.mem_file),
-                    ),
-                )
-            cfg.validate()
+            cfg = serve_config(args)
         except ConfigError as e:
             print(f"lazypaged: configuration error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        return serve(cfg)
+            # --check-config answers a question: "no" is its failure, not a usage error.
+            return EXIT_FAIL if args.check_config else EXIT_USAGE
+        if args.check_config:
+            print(f"lazypaged: configuration {args.config or '(built-in defaults)'} is valid")
+            return EXIT_OK
+        return serve(cfg, lambda: serve_config(args))
     if args.command == "demo":
         from .demo import run
 

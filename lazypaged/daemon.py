@@ -15,6 +15,27 @@ Shutdown order (SIGTERM or SIGINT):
    complete and whose uffd only the daemon holds are killed with SIGKILL
    (through a pidfd) *before* the fd is closed. A killed target is a clear
    failure; silently wrong memory is not an option.
+
+Signals (every one that would end the process by default was decided on,
+because a daemon that dies holding a uffd only it holds zero-fills that
+target):
+
+* SIGTERM, SIGINT, SIGQUIT: the ordered shutdown above; the second one forces.
+* SIGHUP: reload (``systemctl reload``): the configuration file is read
+  again and what can change safely is applied; one ``reloaded`` line says
+  what changed and what needs a restart. A file that does not validate is
+  refused (``reload_failed``) and the running configuration stays.
+* SIGPIPE: ignored silently, as Python does: a write to a closed socket
+  fails with EPIPE and the connection's own code handles that.
+* every other signal whose default is to end or stop the process (SIGUSR1/2,
+  SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGIO, SIGPWR,
+  SIGSYS, SIGTRAP, SIGABRT, SIGTSTP/TTIN/TTOU, the real-time signals): noted
+  in the log (``signal_ignored``) and otherwise ignored. The daemon sets no
+  timers and no limits of its own, so none of these is meant for it.
+* SIGSEGV, SIGBUS, SIGILL, SIGFPE keep their default: they report a fault in
+  the process itself, and a handler that returns would run the faulting
+  instruction again forever. Uffds the daemon alone holds are parked in
+  systemd's fd store, so even such a crash zero-fills nothing there.
 """
 
 from __future__ import annotations
@@ -26,15 +47,16 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from dataclasses import fields, is_dataclass, replace
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
 from . import log as logsetup
 from .access import SocketOwner
 from .adopt import Custody
-from .config import Config
+from .config import Config, ConfigError
 from .firecracker_server import FirecrackerServer
 from .handoff_server import HandoffServer
 from .notify import notify
@@ -55,9 +77,103 @@ class Listener(Protocol):
     async def close_connections(self) -> None: ...
 
 
+@runtime_checkable
+class Reloadable(Protocol):
+    """A part of the daemon that takes a new configuration on SIGHUP, for
+    what it does from then on (new connections, new sessions)."""
+
+    def reload(self, cfg: Config) -> None: ...
+
+
+#: Signals that ask for the ordered shutdown.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: Faults of the process itself: left at their default (see the module doc).
+_FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+#: Default-ignored or continuing signals: nothing to decide (SIGCHLD also
+#: belongs to the event loop's child watcher).
+_HARMLESS_SIGNALS = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def ignored_signals() -> list[int]:
+    """Signals noted and ignored: all that would end or stop the daemon by
+    default and mean neither stop nor reload to it."""
+    skip = {*STOP_SIGNALS, signal.SIGHUP, signal.SIGPIPE, *_FAULT_SIGNALS, *_HARMLESS_SIGNALS, *_UNCATCHABLE}
+    return sorted(int(s) for s in signal.valid_signals() if s not in skip)
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+
+
+def ignore_signals() -> None:
+    """Before and after the event loop handles them: ignore every signal
+    that would otherwise end the daemon on its way up or down."""
+    for sig in (*ignored_signals(), signal.SIGHUP, signal.SIGPIPE):
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+#: The settings a reload applies, each with the parts of the daemon that use
+#: it; a key ending in "." stands for its whole section. A setting is applied
+#: when every part that uses it (and runs) takes reloads; any other changed
+#: setting is reported as needing a restart and keeps its running value.
+RELOAD_USERS: dict[str, tuple[str, ...]] = {
+    "log_level": ("daemon",),
+    "shutdown_grace": ("daemon",),
+    "snapshot_dirs": ("registry",),
+    "request_timeout": ("handoff", "firecracker"),
+    "max_message_bytes": ("handoff", "firecracker"),
+    "max_sessions": ("handoff", "firecracker"),
+    "session.": ("handoff", "firecracker", "criu"),
+    "working_set.": ("handoff", "firecracker"),
+    "access.allow_uids": ("handoff", "firecracker"),
+    "access.allow_gids": ("handoff", "firecracker"),
+    "access.tenants": ("handoff", "firecracker"),
+    "access.unmatched": ("handoff", "firecracker"),
+    "access.max_sessions_per_client": ("handoff", "firecracker"),
+    "access.max_regions_per_session": ("handoff", "firecracker"),
+    "access.max_inflight_bytes": ("handoff", "firecracker"),
+    "access.peer_identities": ("export",),
+    "export.snapshots": ("export",),
+}
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → value of a Config and its sections."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if is_dataclass(v) and not isinstance(v, type):
+            out.update(flatten(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def _with(obj: Any, key: str, value: Any) -> Any:
+    head, dot, rest = key.partition(".")
+    if not dot:
+        return replace(obj, **{head: value})
+    return replace(obj, **{head: _with(getattr(obj, head), rest, value)})
+
+
+def _users(key: str) -> tuple[str, ...]:
+    if key in RELOAD_USERS:
+        return RELOAD_USERS[key]
+    section = key.split(".")[0] + "."
+    return RELOAD_USERS.get(section, ())
+
+
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, loader: Callable[[], Config] | None = None) -> None:
         self.cfg = cfg
+        #: Builds the configuration again on SIGHUP: the file named at start
+        #: plus the command line's overrides.
+        self.loader = loader
         self.registry = SourceRegistry(cfg.snapshot_dirs, cfg.remote, linger=cfg.source_linger)
         self.sessions = SessionTable(self.registry)
         self.handoff = HandoffServer(cfg, self.registry, self.sessions)
@@ -85,6 +201,69 @@ class Daemon:
         self._force = asyncio.Event()
         self.ready = asyncio.Event()
 
+    def _parts(self) -> Iterator[tuple[str, object]]:
+        """Every part a reload may reach, by the role RELOAD_USERS names."""
+        from .criu.server import CriuListener
+        from .peer_server import ExportServer
+
+        yield "handoff", self.handoff
+        yield "registry", self.registry
+        for x in self.listeners:
+            if isinstance(x, FirecrackerServer):
+                yield "firecracker", x
+            elif isinstance(x, CriuListener):
+                yield "criu", x
+            elif isinstance(x, ExportServer):
+                yield "export", x
+            else:
+                yield type(x).__name__, x
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can change safely."""
+        if self._stop.is_set():
+            self.log.warning("reload_ignored", reason="the daemon is stopping")
+            return
+        try:
+            if self.loader is None:
+                raise ConfigError("no configuration to read again")
+            new = self.loader()
+        except ConfigError as e:
+            self.log.error("reload_failed", error=str(e), kept="the running configuration")
+            return
+        old_flat, new_flat = flatten(self.cfg), flatten(new)
+        changed = [k for k in new_flat if new_flat[k] != old_flat.get(k)]
+        parts = list(self._parts())
+        present = {role for role, _ in parts} | {"daemon"}
+        takes = {role for role, x in parts if isinstance(x, Reloadable)} | {"daemon"}
+        applied: list[str] = []
+        restart: list[str] = []
+        for k in changed:
+            users = [u for u in _users(k) if u in present]
+            (applied if users and all(u in takes for u in users) else restart).append(k)
+        # What runs keeps its running value for every setting that needs a restart.
+        effective = new
+        for k in restart:
+            effective = _with(effective, k, old_flat[k])
+        self.cfg = effective
+        for role, x in parts:
+            if isinstance(x, Reloadable):
+                try:
+                    x.reload(effective)
+                except Exception as e:  # one part failing must not take the daemon down
+                    self.log.error("reload_failed", part=role, error=f"{type(e).__name__}: {e}", exc_info=e)
+        if logsetup.enabled("info") or not _admits_info(effective.log_level):
+            # Said under the level that lets it through: the old one unless
+            # only the new one shows info lines.
+            self.log.info("reloaded", changed=applied, needs_restart=restart)
+            logsetup.set_level(effective.log_level)
+        else:
+            logsetup.set_level(effective.log_level)
+            self.log.info("reloaded", changed=applied, needs_restart=restart)
+
+    def _signal(self, sig: int) -> None:
+        self.log.warning("signal_ignored", signal=signal_name(sig),
+                         reason="only SIGTERM, SIGINT, SIGQUIT (stop) and SIGHUP (reload) mean something here")
+
     def request_stop(self) -> None:
         if self._stop.is_set():
             self.log.warning("second_signal", action="forcing exit")
@@ -95,8 +274,12 @@ class Daemon:
 
     async def run(self, on_ready: Callable[[], None] | None = None) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.request_stop)
+        handled: list[int] = [*STOP_SIGNALS, signal.SIGHUP, *ignored_signals()]
+        for stop in STOP_SIGNALS:
+            loop.add_signal_handler(stop, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for other in ignored_signals():
+            loop.add_signal_handler(other, self._signal, other)
         try:
             await self.handoff.start(_inherited_socket())
             for listener in self.listeners:
@@ -109,8 +292,9 @@ class Daemon:
             notify("STOPPING=1")
             await self.shutdown()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in handled:
                 loop.remove_signal_handler(sig)
+            ignore_signals()  # removing a handler restores the default: not for these
             self.registry.close()
         return 0
 
@@ -197,12 +381,18 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(cfg: Config) -> int:
+def _admits_info(level: str) -> bool:
+    return logsetup.level_number(level) <= logsetup.level_number("info")
+
+
+def serve(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
+    """Run the daemon; ``loader`` builds the configuration again on SIGHUP."""
+    ignore_signals()
     logsetup.setup(cfg.log_format, cfg.log_level)
     _raise_fd_limit()
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(Daemon(cfg).run())
+        return loop.run_until_complete(Daemon(cfg, loader).run())
     except OSError as e:  # a socket in use, a missing file: nothing was served yet
         structlog.get_logger().error("cannot_start", error=str(e))
         print(f"lazypaged: {e}", file=sys.stderr)

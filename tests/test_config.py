@@ -3,6 +3,8 @@ are refused with the setting named."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,26 @@ def test_octal_mode_strings_are_taken(text: str, mode: int) -> None:
 @pytest.mark.parametrize("level", ["debug", "info", "warning", "error", "critical", "INFO", "Warning"])
 def test_known_log_levels_are_taken(level: str) -> None:
     assert from_dict({"daemon": {"log_level": level}}).log_level == level.lower()
+
+
+def _check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lazypaged", "serve", "--check-config", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_check_config_answers_in_one_line(tmp_path: Path) -> None:
+    good = _check("--config", str(ROOT / "config" / "lazypaged.toml"))
+    assert good.returncode == 0, good.stderr
+    assert len(good.stdout.splitlines()) == 1
+    assert "valid" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[daemon]\nsocket_mode = 660\n")
+    r = _check("--config", str(bad))
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert len(r.stderr.splitlines()) == 1
+    assert "daemon.socket_mode" in r.stderr
+    # Overrides are checked with the file, as serve would run them.
+    r = _check("--config", str(ROOT / "config" / "lazypaged.toml"), "--firecracker-socket", "/tmp/fc.sock")
+    assert r.returncode == 1
+    assert "mem_file" in r.stderr

@@ -47,13 +47,13 @@ def test_units_verify(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
-    # ExecStart names `lazypaged`, which systemd finds in /usr/local/bin or
-    # /usr/bin; verify checks that it exists, so point it at this install.
+    # ExecStart names /usr/local/bin/lazypaged, where `pip install` as root
+    # puts it; verify checks that it exists, so point it at this install.
     installed = Path(sys.executable).parent / "lazypaged"
     assert installed.exists()
     for name in ("lazypaged.service", "lazypaged.socket"):
         text = (UNITS / name).read_text()
-        text = re.sub(r"^ExecStart=lazypaged ", f"ExecStart={installed} ", text, flags=re.M)
+        text = re.sub(r"^ExecStart=/usr/local/bin/lazypaged ", f"ExecStart={installed} ", text, flags=re.M)
         (tmp_path / name).write_text(text)
     r = subprocess.run([analyze, "verify", "lazypaged.socket", "lazypaged.service"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
@@ -74,7 +74,56 @@ def test_units_agree_with_the_defaults() -> None:
     # The handoff socket file belongs to the socket unit: /run/lazypaged must
     # survive the service's restarts.
     assert svc["RuntimeDirectoryPreserve"] == ["yes"]
-    assert svc["ExecStart"][0].startswith("lazypaged serve --config ")
+    # systemd wants an absolute path (`systemd-analyze verify` refuses a bare name).
+    assert svc["ExecStart"][0].startswith("/usr/local/bin/lazypaged serve --config ")
+    # systemctl reload is SIGHUP, which the daemon takes as "read the configuration again".
+    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def _exec_stop() -> list[str]:
+    """ExecStop as the shell receives it (systemd turns $$ into $)."""
+    (line,) = _unit("lazypaged.service")["ExecStop"]
+    m = re.fullmatch(r"/bin/sh -c '(.*)'", line)
+    assert m, line
+    return ["/bin/sh", "-c", m.group(1).replace("$$", "$")]
+
+
+def test_exec_stop_without_a_main_process_succeeds() -> None:
+    """An ExecStop after the daemon already exited used to fail with
+    `kill: Illegal number` (an empty $MAINPID)."""
+    r = subprocess.run(_exec_stop(), env={"PATH": os.environ["PATH"], "MAINPID": ""}, capture_output=True,
+                       text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (0, "")
+    r = subprocess.run(_exec_stop(), env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (0, "")
+
+
+def test_exec_reload_and_exec_stop_drive_a_real_daemon(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    log = tmp_path / "daemon.log"
+    proc = _serve(_config(tmp_path, 'log_level = "info"'), {}, log)
+    try:
+        sock = tmp_path / "handoff.sock"
+        from .conftest import wait_for_socket
+
+        wait_for_socket(sock, proc)
+        (reload_line,) = _unit("lazypaged.service")["ExecReload"]
+        cmd = reload_line.replace("$MAINPID", str(proc.pid)).split()
+        assert subprocess.run(cmd, timeout=30).returncode == 0
+        deadline = time.monotonic() + 30
+        while '"reloaded"' not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)  # polling the log for the line
+        stop = subprocess.Popen(_exec_stop(), env={"PATH": os.environ["PATH"], "MAINPID": str(proc.pid)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.wait(timeout=60) == 0  # reaped here, as systemd reaps its main process
+        _, err = stop.communicate(timeout=60)  # ExecStop returns once the daemon is gone
+        assert (stop.returncode, err) == (0, "")
+        assert '"stopped"' in log.read_text()
+    finally:
+        _stop(proc)
 
 
 def _config(tmp: Path, extra: str = "") -> Path:

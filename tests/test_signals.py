@@ -1,0 +1,131 @@
+"""Every signal a person (or the kernel) may send by habit to ``lazypaged
+serve``: none ends the daemon without the ordered shutdown.
+
+A ``keeps_uffd: false`` target (its uffd held by the daemon alone, as with
+Firecracker) is mid-restore when the signal arrives; it must read every byte
+right, and the daemon either keeps serving or stops in order.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import HERE, DaemonHandle, MiB, _needs_root, start_daemon, stop_daemon
+
+SIZE = 4 * MiB
+
+#: Signals the daemon notes in its log and otherwise ignores.
+IGNORED = [
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+    signal.SIGXCPU, signal.SIGXFSZ, signal.SIGSTKFLT, signal.SIGIO, signal.SIGPWR, signal.SIGSYS,
+    signal.SIGTRAP, signal.SIGABRT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGRTMIN, signal.SIGRTMIN + 7, signal.SIGRTMAX,
+]
+#: Ignored without a log line (every write to a closed socket raises it).
+SILENT = [signal.SIGPIPE]
+#: Signals that mean "stop": the ordered shutdown, as SIGTERM.
+STOPPING = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT]
+
+
+def _name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"SIGRTMIN+{sig - signal.SIGRTMIN}"
+
+
+def wait_log(d: DaemonHandle, event: str, after: int = 0, timeout: float = 30.0, **match: object) -> dict[str, object]:
+    """The first ``event`` line past line ``after`` with these fields; fails
+    fast if the daemon exits without writing it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = d.proc.poll() is not None  # before reading: a last line comes before the exit
+        for x in d.log_lines()[after:]:
+            if x.get("event") == event and all(x.get(k) == v for k, v in match.items()):
+                return x
+        if exited:
+            pytest.fail(f"daemon exited ({d.proc.returncode}) without logging {event} {match}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {event} {match} in the daemon log")
+        time.sleep(0.02)  # polling the log file for the line, not a wait for time to pass
+
+
+def no_keep_target(d: DaemonHandle, seconds: float = 1.0) -> subprocess.Popen[str]:
+    """A target that closed its own uffd copy; returns once it was accepted."""
+    d.image("img", SIZE)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "reliability_target.py"), "--socket", str(d.socket), "--image",
+         str(d.snapshots / "img"), "--name", "img", "--size", str(SIZE), "--no-keep", "--seconds", str(seconds)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    if "accepted" not in first:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"target not accepted: {first}{out}{err}")
+    return proc
+
+
+def check_target(proc: subprocess.Popen[str], what: str) -> None:
+    out, err = proc.communicate(timeout=120)
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert proc.returncode == 0, (what, proc.returncode, out, err[-2000:])
+    assert lines[-1]["wrong_pages"] == 0, (what, out)
+
+
+def test_habitual_signals_leave_the_daemon_serving(tmp_path: Path) -> None:
+    _needs_root()
+    d = start_daemon(tmp_path, session_config="fill = false")
+    try:
+        for sig in SILENT + IGNORED:  # a silent one first: the next line shows it did no harm
+            mark = len(d.log_lines())
+            proc = no_keep_target(d)
+            try:
+                d.proc.send_signal(sig)
+                if sig not in SILENT:
+                    wait_log(d, "signal_ignored", mark, signal=_name(sig))
+                check_target(proc, _name(sig))
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+            assert d.alive(), f"{_name(sig)} ended the daemon"
+        # SIGHUP is a reload, and the session in progress is served on.
+        mark = len(d.log_lines())
+        proc = no_keep_target(d)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_log(d, "reloaded", mark)
+        check_target(proc, "SIGHUP")
+        assert d.alive()
+    finally:
+        rc = stop_daemon(d)
+    assert rc == 0, d.log.read_text()[-3000:]
+    assert not [x for x in d.log_lines() if x.get("event") == "session_bug"]
+
+
+@pytest.mark.parametrize("sig", STOPPING, ids=_name)
+def test_stop_signals_shut_down_in_order(tmp_path: Path, sig: int) -> None:
+    _needs_root()
+    d = start_daemon(tmp_path, session_config="fill = false")
+    proc = no_keep_target(d)
+    try:
+        d.proc.send_signal(sig)
+        check_target(proc, _name(sig))
+        rc = d.proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        stop_daemon(d)
+    events = [x.get("event") for x in d.log_lines()]
+    assert rc == 0, d.log.read_text()[-3000:]
+    assert {"stopping", "stopped"} <= set(events), events
+    assert not d.socket.exists(), "the handoff socket is removed on the way out"
