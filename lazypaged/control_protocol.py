@@ -56,16 +56,34 @@ class LocalProtocolError(ProtocolError):
 # -- field checks ------------------------------------------------------------
 
 
+def _kind(v: object) -> str:
+    """The JSON name of ``v``'s type, for messages people read."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int | float):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list | tuple):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return "a value of another type"
+
+
+
 def _text(what: str, v: object, *, empty: bool = False) -> None:
     if not isinstance(v, str):
-        raise LocalProtocolError(f"{what} must be a string, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be a string, not {_kind(v)}")
     if len(v) > MAX_TEXT or (not empty and not v):
         raise LocalProtocolError(f"{what} must be {0 if empty else 1}..{MAX_TEXT} characters")
 
 
 def _count(what: str, v: object) -> None:
     if not isinstance(v, int) or isinstance(v, bool):
-        raise LocalProtocolError(f"{what} must be an integer, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be an integer, not {_kind(v)}")
     if v < 0:
         raise LocalProtocolError(f"{what} = {v} must not be negative")
 
@@ -76,7 +94,7 @@ def _number(obj: object, attr: str, *, optional: bool = False) -> None:
     if v is None and optional:
         return
     if not isinstance(v, int | float) or isinstance(v, bool):
-        raise LocalProtocolError(f"{attr} must be a number, not {type(v).__name__}")
+        raise LocalProtocolError(f"{attr} must be a number, not {_kind(v)}")
     if not math.isfinite(v) or v < 0:
         raise LocalProtocolError(f"{attr} = {v} must be a finite non-negative number")
     object.__setattr__(obj, attr, float(v))
@@ -84,7 +102,7 @@ def _number(obj: object, attr: str, *, optional: bool = False) -> None:
 
 def _names(what: str, v: object) -> None:
     if not isinstance(v, tuple):
-        raise LocalProtocolError(f"{what} must be a tuple, not {type(v).__name__}")
+        raise LocalProtocolError(f"{what} must be a tuple, not {_kind(v)}")
     for x in v:
         _text(what, x)
 
@@ -281,17 +299,33 @@ def _records(cls: type[_R], where: str, v: object) -> tuple[_R, ...]:
 def decode_line(line: bytes) -> Message:
     """One line (without its ``\\n``) to a message, or RemoteProtocolError."""
     try:
-        m = json.loads(line.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RemoteProtocolError(f"not a JSON line: not valid UTF-8 (at byte {e.start})") from None
+    try:
+        m = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise RemoteProtocolError(f"not a JSON line: {e.msg.lower()} at column {e.colno}") from None
+    except RecursionError:
+        raise RemoteProtocolError("not a JSON line this side reads: nested too deep") from None
+    except ValueError as e:  # NaN, Infinity (see _no_constant)
         raise RemoteProtocolError(f"not a JSON line: {e}") from None
     if not isinstance(m, dict):
         raise RemoteProtocolError("a message must be a JSON object")
     v = m.get("v")
-    if not isinstance(v, int) or isinstance(v, bool) or v != VERSION:
-        raise RemoteProtocolError(f"unsupported protocol version {v!r} (this side speaks {VERSION})")
+    if v is None:
+        raise RemoteProtocolError(f"no protocol version (field 'v'; this side speaks {VERSION})")
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RemoteProtocolError(f"protocol version must be the integer {VERSION}, not {_kind(v)}")
+    if v != VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {v} (this side speaks {VERSION})")
     kind = m.get("type")
-    if not isinstance(kind, str) or kind not in _TYPES:
-        raise RemoteProtocolError(f"unknown message type {kind!r}")
+    if kind is None:
+        raise RemoteProtocolError("no message type (field 'type')")
+    if not isinstance(kind, str):
+        raise RemoteProtocolError(f"message type must be a string, not {_kind(kind)}")
+    if kind not in _TYPES:
+        raise RemoteProtocolError(f"unknown message type {kind[:64]!r}")
     if kind == StatusRequest.TYPE:
         return StatusRequest()
     if kind == ErrorReply.TYPE:

@@ -84,6 +84,13 @@ MAX_FDS = 4
 _MAX_ERROR_TEXT = 2048
 
 
+#: Wire names of the messages a client might send instead of a request.
+_TYPE_NAMES: dict[type, str] = {
+    hp.RestoreRequest: "restore", hp.Accepted: "accepted", hp.Error: "error", hp.Complete: "complete",
+    hp.Failed: "failed",
+}
+
+
 class _Probe(Exception):
     """The client connected and closed without sending anything."""
 
@@ -314,10 +321,11 @@ class HandoffServer:
             else:
                 code, text = "busy", "the daemon ran out of file descriptors receiving yours; retry later"
         except ConnectionError as e:
-            code, text = "malformed", f"connection failed before a complete request: {e}"
+            why = e.strerror or "closed"
+            code, text = "malformed", f"connection failed before a complete request: {why.lower()}"
         except Exception as e:
             log.error("handoff_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
-            code, text = "internal_error", f"{type(e).__name__}: {e}"
+            code, text = "internal_error", "a bug in the daemon while reading the request; its log has the details"
         else:
             return session
         text = text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
@@ -350,7 +358,7 @@ class HandoffServer:
                     raise hp.RemoteProtocolError("one request per connection: bytes follow the request frame")
                 (msg,) = msgs
                 if not isinstance(msg, hp.RestoreRequest):
-                    raise hp.RemoteProtocolError(f"expected a restore request, got {type(msg).__name__}")
+                    raise hp.RemoteProtocolError(f"expected a restore request, got {_TYPE_NAMES[type(msg)]!r}")
                 if not fds:
                     raise Refused("no_fd", "no userfaultfd attached (send it with SCM_RIGHTS)")
                 if len(fds) > 1:
