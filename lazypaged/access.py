@@ -24,6 +24,8 @@ a message naming the setting, and a ``handoff_refused`` log line.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fnmatch
 import grp
 import os
@@ -52,7 +54,8 @@ DEFAULT_MAX_REGIONS_PER_SESSION = 4096
 #: the daemon keeps (one byte per page, ~256 MiB of page states at 1 TiB).
 DEFAULT_MAX_INFLIGHT_BYTES = 1 << 40
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-#: Supplementary groups read per peer (NGROUPS_MAX is 65536; real users have few).
+#: Supplementary groups read at first (NGROUPS_MAX is 65536; real users have
+#: few); a longer list is read in a second call of the size the kernel asks.
 _MAX_GROUPS = 1024
 
 
@@ -181,12 +184,39 @@ class Client:
         return f"uid {self.uid} (gids {', '.join(map(str, self.gids))})"
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.getsockopt.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32)]
+
+
+def peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    """The peer's supplementary groups (``SO_PEERGROUPS``), as of its connect().
+
+    Through libc: socket.getsockopt caps its buffer at 1024 bytes, and a peer
+    in more than 256 groups would be read as in none. The kernel answers
+    ERANGE with the size it needs; one more call with that size."""
+    size = 4 * _MAX_GROUPS
+    for _ in range(2):
+        buf = ctypes.create_string_buffer(size)
+        n = ctypes.c_uint32(size)
+        if _libc.getsockopt(conn.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(n)) == 0:
+            raw = buf.raw[: n.value // 4 * 4]
+            return struct.unpack(f"{len(raw) // 4}I", raw)
+        err = ctypes.get_errno()
+        if err != errno.ERANGE or n.value <= size:
+            raise OSError(err, f"SO_PEERGROUPS: {os.strerror(err)}")
+        size = n.value
+    raise OSError(errno.ERANGE, "SO_PEERGROUPS: the peer's group list keeps growing")
+
+
 def client_of(conn: socket.socket, cred: PeerCred) -> Client:
-    """The peer's identity: SO_PEERCRED plus its supplementary groups."""
+    """The peer's identity: SO_PEERCRED plus its supplementary groups.
+
+    Groups that cannot be read count as none: a client admitted only through
+    one is refused, never the other way round."""
     groups: tuple[int, ...] = ()
     with contextlib.suppress(OSError):
-        raw = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
-        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+        groups = peer_groups(conn)
     return Client(cred.uid, cred.gid, tuple(dict.fromkeys((cred.gid, *groups))))
 
 

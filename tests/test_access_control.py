@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -50,11 +51,19 @@ def daemon(base: Path, access: str) -> DaemonHandle:
     return d
 
 
-def run_client(d: DaemonHandle, name: str, *, uid: int | None = NOBODY, ranges: int = 1) -> dict[str, object]:
+def as_user(uid: int, groups: tuple[int, ...] = ()) -> list[str]:
+    """setpriv(1) prefix: uid and primary gid ``uid``, exactly ``groups`` as
+    supplementary groups (setgroups(2))."""
+    extra = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", *extra]
+
+
+def run_client(d: DaemonHandle, name: str, *, uid: int | None = NOBODY, ranges: int = 1,
+               groups: tuple[int, ...] = ()) -> dict[str, object]:
     cmd = [sys.executable, str(CLIENT), "--socket", str(d.socket), "--name", name, "--size", str(SIZE),
            "--ranges", str(ranges)]
     if uid is not None:
-        cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+        cmd = [*as_user(uid, groups), *cmd]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
     lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -158,3 +167,62 @@ def test_sockets_get_the_configured_group_and_mode(base: Path) -> None:
         assert "Permission denied" in str(res["message"])
     finally:
         assert stop_daemon(d) == 0
+
+
+#: Groups nobody is not in: given to the client as supplementary groups only.
+GROUP_IN, GROUP_OUT = 4243, 4244
+
+
+def test_a_supplementary_group_is_seen(base: Path) -> None:
+    """SO_PEERCRED carries only the primary gid; an allowed supplementary one must count too."""
+    d = daemon(base, f"allow_gids = [{GROUP_IN}]")
+    try:
+        res = run_client(d, "a/img", groups=(GROUP_IN,))
+        assert res.get("ok") is True, res
+        assert res["sha256"] == sha(d.snapshots / "a" / "img")
+        res = run_client(d, "a/img", groups=(GROUP_OUT,))
+        assert res["code"] == "forbidden", res
+        assert f"gids {NOBODY}, {GROUP_OUT}" in str(res["message"])
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_tenant_rules_by_supplementary_gid(base: Path) -> None:
+    snaps = base / "snapshots"
+    d = daemon(base, f'unmatched = "deny"\n[[access.tenants]]\nsnapshots = ["{snaps}/a/*"]\ngids = [{GROUP_IN}]\n')
+    try:
+        res = run_client(d, "a/img", groups=(GROUP_OUT, GROUP_IN))
+        assert res.get("ok") is True, res
+        res = run_client(d, "a/img", groups=(GROUP_OUT,))
+        assert res["code"] == "forbidden", res
+        assert "no tenant rule admits it" in str(res["message"])
+    finally:
+        assert stop_daemon(d) == 0
+
+
+def test_a_long_group_list_is_read_whole(tmp_path: Path) -> None:
+    """Past 256 groups the kernel wants a bigger buffer than socket.getsockopt offers."""
+    _needs_root()
+    from lazypaged.access import client_of
+    from lazypaged.unixsock import peer_cred
+
+    groups = list(range(5000, 7000))
+    path = str(tmp_path / "s.sock")
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(path)
+        srv.listen(1)
+        pid = os.fork()
+        if pid == 0:  # the client: its groups, then connect
+            try:
+                os.setgroups(groups)
+                with socket.socket(socket.AF_UNIX) as c:
+                    c.connect(path)
+                    c.recv(1)
+            finally:
+                os._exit(0)
+        conn, _ = srv.accept()
+        with conn:
+            who = client_of(conn, peer_cred(conn))
+            conn.send(b"x")
+        os.waitpid(pid, 0)
+    assert set(groups) <= set(who.gids)
