@@ -285,11 +285,14 @@ def describe(rd: SnapshotReader) -> dict[str, Any]:
 def _open(image: str) -> SnapshotReader | int:
     try:
         return SnapshotReader(image)
+    except fmt.NotASnapshot as e:
+        _err(str(e))
+        return EXIT_FAIL
     except fmt.FormatError as e:
         _err(f"corrupt snapshot: {e}")
         return EXIT_FAIL
     except OSError as e:
-        _err(f"{image}: {e.strerror}")
+        _err(f"{image}: {e.strerror or e}")
         return EXIT_USAGE
 
 

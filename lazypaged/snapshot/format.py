@@ -72,11 +72,21 @@ _KIND_BYTES = bytes(sorted(_KIND_VALUES))
 
 
 class SnapshotError(SourceError):
-    """The snapshot cannot be trusted or read."""
+    """The snapshot cannot be trusted or read.
+
+    Its text is what an operator reads (a refusal, a log line, the CLI's one
+    line), so it is never empty."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.strip() or "damaged snapshot (no detail recorded)")
 
 
 class FormatError(SnapshotError):
     """The header, index or seek table is damaged, truncated or not ours."""
+
+
+class NotASnapshot(FormatError):
+    """The file is no lazypaged snapshot at all (no magic), nor a damaged one."""
 
 
 class ChunkError(SnapshotError):
@@ -281,7 +291,7 @@ def parse_header(data: bytes, actual_size: int) -> Header:
         bits = magic_distance(data)
         raise FormatError(f"damaged snapshot header: its magic is {bits} bit{'s' * (bits != 1)} off")
     if not looks_like_snapshot(data):
-        raise FormatError("not a lazypaged snapshot (wrong magic)")
+        raise NotASnapshot("not a lazypaged snapshot (wrong magic)")
     _, size = zf.parse_skippable_header(data)
     if size != HEADER_PAYLOAD:
         raise FormatError(f"header frame of {size} bytes, expected {HEADER_PAYLOAD}")

@@ -14,6 +14,8 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import stat
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import zstandard
 
 from . import format as fmt
 from . import zstdframes as zf
-from .format import Chunk, ChunkError, ChunkKind, FormatError, Header, Index, Region
+from .format import Chunk, ChunkError, ChunkKind, FormatError, Header, Index, NotASnapshot, Region
 
 #: Largest run of neighbouring frames read at once (32 compressed 64 KiB chunks
 #: fit; a run of incompressible ones is slightly larger than its data).
@@ -119,13 +121,21 @@ class SnapshotReader:
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = os.fspath(path)
         self.name = name or self.path
-        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        # Non-blocking: opening a FIFO must not wait for a writer (it is refused below).
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         self._local = threading.local()
         try:
+            if not stat.S_ISREG(os.fstat(self._fd).st_mode):
+                raise NotASnapshot("not a regular file")
             self.header, self.index = self._load()
         except FormatError as e:
             self.close()
-            raise FormatError(f"{self.name}: {e}") from None
+            raise type(e)(f"{self.name}: {e}") from None
+        except (struct.error, ValueError, IndexError, OverflowError, UnicodeError):
+            # Every field is checked before use, so this is a gap in the checks;
+            # the operator still gets a plain refusal rather than Python's words.
+            self.close()
+            raise FormatError(f"{self.name}: damaged index (its records do not parse)") from None
         except BaseException:
             self.close()
             raise

@@ -116,7 +116,7 @@ class SourceRegistry:
         try:
             st = path.stat()
         except OSError as e:
-            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
+            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror or e}") from None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns)
         if key in self._open:
             src, refs = self._open[key]
@@ -128,7 +128,7 @@ class SourceRegistry:
         try:
             src = open_source(path, name=name)
         except OSError as e:
-            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror}") from None
+            raise SourceError(f"cannot open snapshot {name!r}: {e.strerror or e}") from None
         self._open[key] = (src, 1)
         self._paths[key] = path
         return src
