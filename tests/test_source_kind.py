@@ -19,6 +19,7 @@ from lazypaged.snapshot import create_from_raw
 from lazypaged.snapshot import format as fmt
 from lazypaged.sources import RawImageSource, SourceError
 from lazypaged.sources.open import open_source
+from lazypaged.sources.registry import SourceRegistry
 
 from .conftest import DaemonHandle, MiB, finish
 from .snapshot_images import PAGE, flip_bit, write_image
@@ -157,3 +158,25 @@ def test_the_damaged_snapshot_of_the_issue_is_refused_by_a_running_daemon(daemon
     rc, lines, err = finish(daemon.target("img.lzs", size, "--touch", "seq", "--wait", "--image", str(image)))
     assert rc == 0, (lines, err)
     assert lines[-1]["ok"] is True
+
+
+def test_registry_judges_by_the_requested_name_and_the_real_path(tmp_path: Path) -> None:
+    """A raw image reached through a ``*.lzs`` name, or a ``*.lzs`` file reached
+    through another name, claims to be a snapshot either way."""
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    write_image(snaps / "plain.img", 4 * PAGE, seed=1)
+    write_image(snaps / "mislabelled.lzs", 4 * PAGE, seed=2)
+    (snaps / "alias.lzs").symlink_to("plain.img")
+    (snaps / "alias.img").symlink_to("mislabelled.lzs")
+    reg = SourceRegistry((snaps,), linger=0)
+    try:
+        src = reg.acquire("plain.img")
+        assert isinstance(src, RawImageSource)
+        reg.release(src)
+        for name in ("alias.lzs", "alias.img", "mislabelled.lzs"):
+            with pytest.raises(SourceError, match=r"named \*\.lzs but not a lazypaged snapshot"):
+                reg.acquire(name)
+        assert reg.open_sources == []
+    finally:
+        reg.close()
