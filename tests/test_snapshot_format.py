@@ -369,3 +369,8 @@ def test_every_flip_of_the_index_counts_is_caught(tmp_path: Path) -> None:
                 SnapshotReader(out)
             flip_bit(out, byte, bit)
     SnapshotReader(out).close()
+
+
+def test_snapshot_errors_always_say_something() -> None:
+    assert str(FormatError("")) == str(FormatError("  ")) == "damaged snapshot (no detail recorded)"
+    assert str(FormatError("index checksum mismatch")) == "index checksum mismatch"

@@ -512,7 +512,8 @@ def _find_chunk_problem(
             ci = r.first_chunk + k
             _check_chunk(ci, r, k, h, frame_end, foffs[ci], fsizes[ci], doffs[ci], kinds[ci], lengths[ci])
             frame_end = foffs[ci] + fsizes[ci]
-    raise AssertionError("chunk table judged unsound, but no record is wrong")
+    # Not reached while the two checks agree; if they ever do not, still a plain refusal.
+    raise FormatError("chunk records are inconsistent")
 
 
 def _check_chunk(
