@@ -4,7 +4,10 @@ Rules of this file: everything read from a file is untrusted until
 :func:`parse_header` and :func:`parse_index` have checked it, and they check
 everything a reader later relies on (bounds, sizes, order, overlaps), so the
 reader never does arithmetic on a field that was not validated. All integers
-are little-endian. ``docs/snapshot-format.md`` is the prose version.
+are little-endian; checksums are xxHash's canonical (big-endian) digests, and
+the index checksum covers what follows the two counts (the counts are tied
+to the header and the records instead). ``docs/snapshot-format.md`` is the
+prose version.
 
 File layout::
 
