@@ -47,6 +47,8 @@ RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX = 0.02, 0.5
 #: Refusals that mean "try again later", not "this restore is wrong".
 #: The helper's report: re-handoff count ahead of the final frame.
 _COUNT = struct.Struct(">I")
+#: struct timeval, for SO_SNDTIMEO.
+_TIMEVAL = struct.Struct("@ll")
 _TRANSIENT = frozenset({"busy", "disconnected", "timeout", "internal_error"})
 
 
@@ -91,9 +93,8 @@ class Handoff:
     @classmethod
     def connect(cls, path: str | os.PathLike[str] = DEFAULT_SOCKET, timeout: float | None = 30.0) -> Handoff:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(timeout)
         try:
-            s.connect(os.fspath(path))
+            connect_unix(s, path, timeout)
         except BaseException:
             s.close()
             raise
@@ -138,13 +139,26 @@ class Handoff:
             socket.send_fds(self.sock, [frame[:1]], [uffd.fileno()])
             self.sock.sendall(frame[1:])
         except OSError as e:
-            raise HandoffError("disconnected", f"sending the request failed: {e}") from None
+            # A daemon that turned the connection away at once (busy) wrote
+            # why before closing: that is the answer, not the broken pipe.
+            refusal = self._refusal_left()
+            if refusal is not None:
+                raise HandoffError(refusal.code, refusal.message) from None
+            raise HandoffError("disconnected", f"sending the request failed: {e.strerror or e}") from None
         reply = self._recv()
         if isinstance(reply, hp.Error):
             raise HandoffError(reply.code, reply.message)
         if not isinstance(reply, hp.Accepted):
             raise HandoffError("malformed", f"unexpected reply {reply!r}")
         return reply.session
+
+    def _refusal_left(self) -> hp.Error | None:
+        """An error frame already waiting on a connection the daemon closed, if any."""
+        try:
+            reply = self._recv()
+        except (OSError, HandoffError, hp.ProtocolError):
+            return None
+        return reply if isinstance(reply, hp.Error) else None
 
     def watch(self, path: str | os.PathLike[str], reconnect: float) -> None:
         """Follow the restore from a helper process; re-hand the uffd if the daemon goes away.
@@ -255,6 +269,35 @@ class Handoff:
         self.close()
 
 
+def connect_unix(sock: socket.socket, path: str | os.PathLike[str], timeout: float | None) -> None:
+    """connect() that waits up to ``timeout`` for room in a full listen backlog.
+
+    A Unix socket in non-blocking mode (which is how Python implements a
+    socket timeout) fails with EAGAIN at once when the listener's backlog
+    is full. A blocking connect waits for room instead, for as long as
+    SO_SNDTIMEO allows; the socket gets ``timeout`` for everything after.
+    """
+    if timeout is not None and timeout <= 0:
+        sock.settimeout(0)
+        sock.connect(os.fspath(path))
+        return
+    sock.settimeout(None)
+    if timeout is not None:
+        whole = int(timeout)
+        usec = int((timeout - whole) * 1_000_000) or (0 if whole else 1)  # 0 s 0 µs would mean "forever"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(whole, usec))
+    try:
+        sock.connect(os.fspath(path))
+    except BlockingIOError:
+        raise TimeoutError(
+            f"cannot connect to {os.fspath(path)} within {timeout} s: its listen backlog stayed full"
+        ) from None
+    finally:
+        if timeout is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(0, 0))
+    sock.settimeout(timeout)
+
+
 def restore(
     socket_path: str | os.PathLike[str],
     ranges: Sequence[hp.RangeSpec | tuple[int, int, str, int]],
@@ -326,9 +369,8 @@ def _retry_handshake(
         h.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         h._decoder = hp.FrameDecoder()
         h._queue.clear()
-        h.sock.settimeout(max(1.0, min(30.0, within)))
         try:
-            h.sock.connect(os.fspath(path))
+            connect_unix(h.sock, path, max(1.0, min(30.0, within)))
             return h._handshake(req, uffd)
         except HandoffError as e:
             if e.code not in _TRANSIENT:

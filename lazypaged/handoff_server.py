@@ -15,10 +15,15 @@ Rules of this file:
   the connection's task ends, on every path.
 * Registrations made for a request that is then refused are undone, so the
   restorer's memory is as it was before the handoff.
-* Accepting is paused, never spun: when ``MAX_PENDING`` connections still
-  owe their request, or accept() fails for lack of descriptors or memory,
-  the listening socket is taken off the loop and later connections wait in
-  the kernel's backlog.
+* A connection that has not delivered its request holds a descriptor and
+  nothing else, and only so many: ``MAX_PENDING_PER_UID`` per user (fewer for
+  a user the access rules do not admit), ``MAX_PENDING`` in all. Past that,
+  a new connection is taken off the backlog and turned away with ``busy`` at
+  once, so an idle flood can neither hold the daemon's descriptors nor fill
+  the listen backlog in front of other users' restorers; and its first byte
+  must come within ``FIRST_BYTE_TIMEOUT``.
+* Accepting is paused, never spun, only when accept() itself fails for lack
+  of descriptors or memory: later connections then wait in the backlog.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import structlog
 
 from . import handoff_protocol as hp
 from . import uffd as _uffd
-from .access import AccessControl, client_of, own_socket
+from .access import AccessControl, Client, client_of, own_socket
 from .config import Config
 from .received_uffd import Refused, inspect_uffd
 from .session import PAGE, Mapping, Region, RestoreSession
@@ -54,18 +59,25 @@ _abi = _uffd.abi
 
 _NEEDED_IOCTLS = (1 << _abi._UFFDIO_COPY) | (1 << _abi._UFFDIO_ZEROPAGE)
 
-#: Connections accepted that have not delivered their request yet. Each
-#: costs a descriptor and a task; a restorer sends its request right after
-#: connecting, so a burst of real ones never comes near this. Above it the
-#: daemon stops accepting and later connections wait in the listen backlog
-#: (they are delayed, not refused) while the idle ones run into
-#: ``request_timeout``: an idle-connection flood cannot use up descriptors
-#: that sessions need.
-MAX_PENDING = 64
-#: Accepting resumes once this few are pending: with some hysteresis a
-#: sustained flood pauses and resumes (and logs) once per batch, not per
-#: connection.
-RESUME_PENDING = MAX_PENDING * 3 // 4
+#: Connections of one user that may owe their request at once. Each costs a
+#: descriptor and a task; a restorer sends its request right after
+#: connecting, so even a burst of real ones stays far below. One more is
+#: refused ``busy`` at once: a user flooding the socket with idle
+#: connections holds this many and no more, and other users' restorers are
+#: accepted meanwhile.
+MAX_PENDING_PER_UID = 64
+#: The same for a user the ``[access]`` allow-lists do not admit: its request
+#: will be refused anyway, so it may not hold more than a few descriptors.
+MAX_PENDING_UNADMITTED = 4
+#: All connections owing their request, whoever they belong to.
+MAX_PENDING = 512
+#: The first byte of the request must arrive this soon after connecting (or
+#: within ``request_timeout`` if that is shorter): a restorer writes its
+#: request at once, an idle connection is only holding a slot.
+FIRST_BYTE_TIMEOUT = 2.0
+#: Listen backlog of the handoff socket: room for a burst of restorers
+#: while the loop is busy, and for a flood to be drained without filling it.
+LISTEN_BACKLOG = 1024
 #: After accept() failed for want of descriptors or memory, wait before
 #: trying again (the listening socket stays readable, so retrying at once
 #: would spin a CPU and flood the log): first this long, doubling while it
@@ -95,6 +107,14 @@ class _Probe(Exception):
     """The client connected and closed without sending anything."""
 
 
+class _Idle(Exception):
+    """The client connected and sent nothing within the first-byte deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"nothing within {seconds} s")
+        self.seconds = seconds
+
+
 class HandoffServer:
     def __init__(self, cfg: Config, registry: SourceRegistry, sessions: SessionTable) -> None:
         self.cfg = cfg
@@ -107,6 +127,9 @@ class HandoffServer:
         #: Connections of running sessions: they owe their restorer a last frame.
         self._reporting: set[asyncio.Task[None]] = set()
         self._pending = 0
+        #: Per uid: connections owing their request, and refusals since it hit its limit.
+        self._pending_of: dict[int, int] = {}
+        self._limited: dict[int, int] = {}
         self._accepting = False
         self._retry: asyncio.TimerHandle | None = None
         self._retry_delay = ACCEPT_RETRY_DELAY
@@ -119,7 +142,7 @@ class HandoffServer:
         # A socket inherited from systemd belongs to its socket unit: its path
         # must outlive the daemon, so only a socket we bound is unlinked.
         self._owns_path = sock is None
-        self._sock = sock or listen_unix(self.cfg.handoff_socket, self.cfg.socket_mode)
+        self._sock = sock or listen_unix(self.cfg.handoff_socket, self.cfg.socket_mode, LISTEN_BACKLOG)
         if sock is None:
             own_socket(self.cfg.handoff_socket, self.cfg.access.socket_group)
         self._sock.setblocking(False)
@@ -186,9 +209,6 @@ class HandoffServer:
     def _accept(self) -> None:
         loop = asyncio.get_running_loop()
         while self._sock is not None:
-            if self._pending >= MAX_PENDING:
-                self._pause_accepting("too many connections still owe their request", None)
-                return
             try:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -199,10 +219,46 @@ class HandoffServer:
                 self._pause_accepting(f"accept failed: {e.strerror}", delay)
                 return
             self._retry_delay = ACCEPT_RETRY_DELAY
-            self._pending += 1
-            task = loop.create_task(self._serve(conn))
+            try:
+                conn.setblocking(False)
+                cred = peer_cred(conn)
+                who = client_of(conn, cred)
+            except OSError:
+                conn.close()  # the peer is gone already: nobody to answer
+                continue
+            if not self._admit_pending(conn, who):
+                continue
+            task = loop.create_task(self._serve(conn, cred))
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
+
+    def _admit_pending(self, conn: socket.socket, who: Client) -> bool:
+        """Count ``conn`` against its user's pending limit, or turn it away with ``busy``."""
+        uid = who.uid
+        try:
+            self.access.admit(who)
+            limit = MAX_PENDING_PER_UID
+        except Refused:
+            limit = MAX_PENDING_UNADMITTED
+        mine = self._pending_of.get(uid, 0)
+        if mine < limit and self._pending < MAX_PENDING:
+            self._pending_of[uid] = mine + 1
+            self._pending += 1
+            return True
+        if mine >= limit:
+            text = f"uid {uid} already has {mine} connections that have not sent their request; retry later"
+        else:
+            text = f"{self._pending} connections have not sent their request yet; retry later"
+        with contextlib.suppress(OSError):
+            conn.send(hp.encode(hp.Error("busy", text)))
+        conn.close()
+        # One line per burst, not per connection: a flood would fill the log.
+        refused = self._limited.get(uid)
+        if refused is None:
+            self.log.warning("pending_limit", uid=uid, pending=mine, limit=limit, total_pending=self._pending)
+            refused = 0
+        self._limited[uid] = refused + 1
+        return False
 
     def _pause_accepting(self, reason: str, retry_after: float | None) -> None:
         if self._sock is None or not self._accepting:
@@ -218,30 +274,35 @@ class HandoffServer:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
-        if self._sock is None or self._accepting or self._pending >= MAX_PENDING:
+        if self._sock is None or self._accepting:
             return
         asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
         self._accepting = True
 
-    def _request_done(self) -> None:
+    def _request_done(self, uid: int) -> None:
         self._pending -= 1
-        if not self._accepting and self._pending <= RESUME_PENDING:
-            self._resume_accepting()
+        left = self._pending_of[uid] - 1
+        if left:
+            self._pending_of[uid] = left
+        else:
+            del self._pending_of[uid]
+            refused = self._limited.pop(uid, None)
+            if refused is not None:
+                self.log.info("pending_limit_cleared", uid=uid, refused=refused)
 
     # -- one connection -------------------------------------------------------
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, cred: PeerCred) -> None:
         with conn:
             try:
-                await self._serve_connection(conn)
+                await self._serve_connection(conn, cred)
             except Exception as e:  # a bug: log it as one, keep the listener serving
                 self.log.error("handoff_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
 
-    async def _serve_connection(self, conn: socket.socket) -> None:
+    async def _serve_connection(self, conn: socket.socket, cred: PeerCred) -> None:
         try:
-            conn.setblocking(False)
-            session = await self._handshake(conn)
+            session = await self._handshake(conn, cred)
         finally:
-            self._request_done()
+            self._request_done(cred.uid)
         if session is None:
             return
         task = asyncio.current_task()
@@ -277,12 +338,8 @@ class HandoffServer:
             reply = hp.Failed(session.id, outcome.code, outcome.message)
         await self._send(conn, reply)
 
-    async def _handshake(self, conn: socket.socket) -> RestoreSession | None:
+    async def _handshake(self, conn: socket.socket, cred: PeerCred) -> RestoreSession | None:
         """Read and check the request; a running session, or None once refused."""
-        try:
-            cred = peer_cred(conn)
-        except OSError:
-            return None  # the peer is gone already: nobody to answer
         log = self.log.bind(peer_pid=cred.pid, peer_uid=cred.uid)
         try:
             fd = -1
@@ -311,6 +368,8 @@ class HandoffServer:
             # check, not a restorer. Nobody to answer, nothing to warn about.
             log.debug("handoff_probe")
             return None
+        except _Idle as e:
+            code, text = "timeout", f"nothing sent within {e.seconds} s of connecting"
         except TimeoutError:
             code, text = "timeout", f"no complete request within {self.cfg.request_timeout} s of connecting"
         except (hp.ProtocolError, Refused) as e:
@@ -344,7 +403,14 @@ class HandoffServer:
         first = True
         try:
             while True:
-                data, got = await recv_fds(conn, 65536, MAX_FDS)
+                if first:
+                    deadline = min(FIRST_BYTE_TIMEOUT, self.cfg.request_timeout)
+                    try:
+                        data, got = await asyncio.wait_for(recv_fds(conn, 65536, MAX_FDS), deadline)
+                    except TimeoutError:
+                        raise _Idle(deadline) from None
+                else:
+                    data, got = await recv_fds(conn, 65536, MAX_FDS)
                 if not data and not got and first:
                     raise _Probe
                 first = False

@@ -51,7 +51,13 @@ DURATION_BUCKETS = (0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 MAX_REQUEST_HEAD = 16 << 10
 #: Seconds a keep-alive connection may sit idle between scrapes.
 IDLE_TIMEOUT = 120.0
-#: Scrapers connected at once; more are closed at once.
+#: Seconds a request head (and its body) may take to arrive, counted from the
+#: connection (first request) or from its first byte (later ones): a scraper
+#: sends it in one piece, a slow-loris one byte at a time. Past it: 408.
+HEADER_TIMEOUT = 5.0
+#: Connections kept at once. A newer one takes the place of the one that has
+#: waited longest for its request, so stalled connections cannot lock a
+#: scraper out; only when all of them are being answered is it refused (503).
 MAX_CLIENTS = 16
 
 
@@ -222,6 +228,13 @@ class SessionCollector(Collector):
         yield from (ended, errors, durations)
 
 
+def _peer_name(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
 def make_registry(sessions: SessionTable, finished: FinishedTotals) -> CollectorRegistry:
     """Session metrics plus the standard process ones (CPU, memory, fds)."""
     reg = CollectorRegistry(auto_describe=False)
@@ -238,6 +251,8 @@ class MetricsServer:
         self.registry = registry
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        #: Clients waiting for (the rest of) a request, since when: those may be evicted.
+        self._waiting: dict[asyncio.Task[None], float] = {}
         self.log = structlog.get_logger().bind(listener="metrics")
 
     async def start(self) -> None:
@@ -267,22 +282,45 @@ class MetricsServer:
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
+        peer = _peer_name(writer)
         try:
-            if len(self._clients) <= MAX_CLIENTS:
-                await self._serve(reader, writer)
+            if len(self._clients) > MAX_CLIENTS and not self._evict():
+                self.log.warning("metrics_client_refused", peer=peer, reason="every connection is being answered")
+                conn = h11.Connection(h11.SERVER)
+                await self._send(conn, writer, 503, b"too many scrapes at once\n", "text/plain", head=False)
+            else:
+                await self._serve(reader, writer, peer)
         except (ConnectionError, TimeoutError):
             pass
         except Exception as e:  # a bug: log it, keep serving
             self.log.error("metrics_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
         finally:
+            self._waiting.pop(task, None)
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _evict(self) -> bool:
+        """Make room: drop the connection that has waited longest for its request."""
+        if not self._waiting:
+            return False
+        oldest = min(self._waiting, key=self._waiting.__getitem__)
+        del self._waiting[oldest]
+        oldest.cancel()
+        self.log.info("metrics_client_dropped", reason="evicted", clients=len(self._clients))
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         request: h11.Request | None = None
+        #: When the request being read began: the connection for the first one,
+        #: its first byte for later ones (None: idle between two scrapes).
+        began: float | None = loop.time()
+        self._waiting[task] = loop.time()
         while True:
             try:
                 event = conn.next_event()
@@ -291,17 +329,36 @@ class MetricsServer:
                     await self._send(conn, writer, e.error_status_hint, b"bad request\n", "text/plain", head=False)
                 return
             if event is h11.NEED_DATA:
-                data = await asyncio.wait_for(reader.read(65536), IDLE_TIMEOUT)
+                wait = IDLE_TIMEOUT if began is None else began + HEADER_TIMEOUT - loop.time()
+                try:
+                    data = await asyncio.wait_for(reader.read(65536), max(wait, 0.0))
+                except TimeoutError:
+                    if began is None:
+                        self.log.debug("metrics_client_dropped", reason="idle", peer=peer)
+                        return
+                    self._waiting.pop(task, None)
+                    self.log.info("metrics_client_dropped", reason="header_timeout", peer=peer,
+                                  waited_s=HEADER_TIMEOUT)
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        await self._send(conn, writer, 408, b"request not received in time\n", "text/plain",
+                                         head=False, extra=[(b"connection", b"close")])
+                    return
+                if data and began is None:
+                    began = loop.time()
+                    self._waiting[task] = began
                 conn.receive_data(data)  # b"" tells h11 the peer closed
                 continue
             if isinstance(event, h11.Request):
                 request = event
             elif isinstance(event, h11.EndOfMessage) and request is not None:
+                self._waiting.pop(task, None)  # being answered: not to be evicted
                 await self._respond(conn, writer, request)
                 request = None
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
+                began = None
+                self._waiting[task] = loop.time()
             elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                 return
 
