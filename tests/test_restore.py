@@ -5,6 +5,8 @@ from __future__ import annotations
 import mmap
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -133,3 +135,34 @@ def test_complete_frame_survives_shutdown(daemon: DaemonHandle) -> None:
     finally:
         mem.close()
     assert daemon.proc.wait(timeout=30) == 0
+
+
+def test_complete_counts_poisoned_pages(daemon: DaemonHandle) -> None:
+    """Under failure_policy "sigbus", pages of a damaged chunk are poisoned,
+    and ``complete`` says how many (it used to carry no such count)."""
+    from lazypaged.snapshot.reader import SnapshotReader
+
+    from .snapshot_images import flip_bit
+
+    size = 4 * MiB
+    raw = daemon.image("raw.img", size)
+    snap = daemon.snapshots / "damaged.lzs"
+    subprocess.run([sys.executable, "-m", "lazypaged", "snapshot", "create", "--from-raw", str(raw), "-o", str(snap)],
+                   check=True, capture_output=True)
+    with SnapshotReader(snap) as rd:
+        chunk = next(c for c in rd.index.chunks if c.kind != 0)
+    flip_bit(snap, chunk.frame_offset + chunk.frame_size // 2)
+    opts = hp.SessionOptions(failure_policy="sigbus", fill=True)
+    mem, addr = map_anonymous(size)
+    try:
+        with Handoff.connect(daemon.socket) as h:
+            with Userfaultfd.create() as uffd:
+                uffd.api(0)
+                h.send(uffd, [hp.RangeSpec(addr, size, "damaged.lzs", 0)], options=opts, keep_uffd=False)
+            done = h.wait(timeout=60)
+        # Not one page is touched here: a poisoned one would raise SIGBUS in this process.
+    finally:
+        mem.close()
+    page = mmap.PAGESIZE
+    assert 0 < done.pages_poisoned <= chunk.length // page, done
+    assert done.bytes_copied + done.bytes_zero + done.pages_poisoned * page == size, done
