@@ -221,7 +221,7 @@ def client_of(conn: socket.socket, cred: PeerCred) -> Client:
 
 
 class AccessControl:
-    def __init__(self, cfg: AccessConfig, registry: SourceRegistry) -> None:
+    def __init__(self, cfg: AccessConfig, registry: SourceRegistry | None) -> None:
         self.cfg = cfg
         self.registry = registry
         self._owner: dict[str, int] = {}  # session id -> uid
@@ -257,11 +257,18 @@ class AccessControl:
         if who.uid == 0 or (not self.cfg.tenants and self.cfg.unmatched == "allow"):
             return
         target = name
-        if "://" not in name:
+        if "://" not in name and self.registry is not None:
             try:
                 target = str(self.registry.resolve(name))
             except Exception:  # the source lookup reports a bad name itself, with its own code
                 return
+        self.check_path(who, name, target)
+
+    def check_path(self, who: Client, name: str, target: str) -> None:
+        """Tenant rules for a snapshot already resolved to ``target`` (a real
+        path, or a ``peer://`` name); ``name`` is what the refusal quotes."""
+        if who.uid == 0 or (not self.cfg.tenants and self.cfg.unmatched == "allow"):
+            return
         rules = [t for t in self.cfg.tenants if t.names(target)]
         if any(t.admits(who) for t in rules):
             return

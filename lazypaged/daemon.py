@@ -183,7 +183,7 @@ class Daemon:
         #: First: it re-adopts sessions of a killed predecessor and saves new ones.
         self.listeners.append(Custody(cfg, self.registry, self.sessions))
         if cfg.firecracker.socket:
-            self.listeners.append(FirecrackerServer(cfg, self.sessions))
+            self.listeners.append(FirecrackerServer(cfg, self.sessions, self.registry))
         if cfg.criu.enabled:
             from .criu.server import CriuListener
 
