@@ -8,6 +8,7 @@ a real target process, as root, checking every byte.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import socket
@@ -56,8 +57,10 @@ def test_connect_waits_for_room_in_a_full_backlog_until_its_timeout(tmp_path: Pa
 def test_restore_gets_through_a_1000_connection_idle_flood(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: the flood runs as another user")
-    with running_daemon(tmp_path) as d:
+    metrics = '\n[metrics]\nenabled = true\naddress = "127.0.0.1:0"\n'
+    with running_daemon(tmp_path, metrics) as d:
         d.image("img", SIZE)
+        port = int(str(next(ln["port"] for ln in d.log_lines() if ln.get("listener") == "metrics" and "port" in ln)))
         mark = LogMark(d)
         base_fds = fd_count(d)
         flood = subprocess.Popen(
@@ -74,6 +77,15 @@ def test_restore_gets_through_a_1000_connection_idle_flood(tmp_path: Path) -> No
             rc, lines, err = finish(d.target("img", SIZE, "--touch", "random"), timeout=120)
             assert rc == 0, (lines, err)
             assert lines[-1]["ok"] is True, lines
+            # And a scrape is answered meanwhile.
+            scrape = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            try:
+                scrape.request("GET", "/metrics")
+                resp = scrape.getresponse()
+                assert resp.status == 200
+                assert b"lazypaged_" in resp.read()
+            finally:
+                scrape.close()
         finally:
             flood.communicate(timeout=60)  # closing its stdin ends the flood
         limited = mark.wait_for(lambda ln: ln.get("event") == "pending_limit")
