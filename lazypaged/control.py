@@ -27,12 +27,16 @@ from .sources import PageSource
 from .unixsock import listen_unix
 
 #: Clients connected at once. Each costs a descriptor and a task; status
-#: is for people and scripts, a few at a time. Beyond it a client gets a
-#: ``busy`` error instead of a slot.
+#: is for people and scripts, a few at a time. A new client takes the slot
+#: of one that never asked anything (the oldest), else of the one idle
+#: longest; only when every client is being answered does it get ``busy``.
 MAX_CLIENTS = 16
 #: Seconds a client may stay connected without asking anything
 #: (``status --watch`` asks every few seconds).
 IDLE_TIMEOUT = 300.0
+#: Seconds a new connection has for its first request: ``lazypaged status``
+#: asks at once, a silent connection only holds a slot.
+FIRST_REQUEST_TIMEOUT = 5.0
 _READ = 65536
 
 
@@ -105,6 +109,8 @@ class ControlServer:
         self._status = status
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
+        #: Clients waiting for their next request: (has asked before, since when).
+        self._waiting: dict[asyncio.Task[None], tuple[bool, float]] = {}
         self.log = structlog.get_logger().bind(listener="control")
 
     async def start(self) -> None:
@@ -130,7 +136,8 @@ class ControlServer:
         assert task is not None
         self._clients.add(task)
         try:
-            if len(self._clients) > MAX_CLIENTS:
+            if len(self._clients) > MAX_CLIENTS and not self._evict():
+                self.log.warning("control_client_refused", reason="every client is being answered")
                 writer.write(cp.encode(cp.ErrorReply("busy", f"more than {MAX_CLIENTS} status clients connected")))
             else:
                 await self._serve(reader, writer)
@@ -140,15 +147,40 @@ class ControlServer:
         except Exception as e:  # a bug: log it, keep serving the others
             self.log.error("control_bug", error=f"{type(e).__name__}: {e}", exc_info=e)
         finally:
+            self._waiting.pop(task, None)
             self._clients.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
+    def _evict(self) -> bool:
+        """Make room: drop the oldest client that never asked, else the one idle longest."""
+        if not self._waiting:
+            return False
+        victim = min(self._waiting, key=lambda t: self._waiting[t])  # never asked (False) sorts first
+        asked, _ = self._waiting.pop(victim)
+        victim.cancel()
+        self.log.info("control_client_dropped", reason="evicted_idle" if asked else "evicted_silent")
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = cp.LineDecoder(cp.MAX_REQUEST_LINE)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        asked = False
+        connected = loop.time()
         while True:
-            data = await asyncio.wait_for(reader.read(_READ), IDLE_TIMEOUT)
+            # Until it has asked once, a client is timed from its connection, not from its last byte.
+            self._waiting[task] = (asked, loop.time() if asked else connected)
+            limit = IDLE_TIMEOUT if asked else max(0.0, connected + FIRST_REQUEST_TIMEOUT - loop.time())
+            try:
+                data = await asyncio.wait_for(reader.read(_READ), limit)
+            except TimeoutError:
+                waited = IDLE_TIMEOUT if asked else FIRST_REQUEST_TIMEOUT
+                self.log.info("control_client_dropped", reason="idle" if asked else "no_request", waited_s=waited)
+                return
+            self._waiting.pop(task, None)
             if not data:
                 return
             try:
@@ -156,6 +188,7 @@ class ControlServer:
             except cp.RemoteProtocolError as e:
                 writer.write(cp.encode(cp.ErrorReply(e.code, str(e)[: cp.MAX_TEXT])))
                 return
+            asked = asked or bool(requests)
             for req in requests:
                 if isinstance(req, cp.StatusRequest):
                     reply: cp.Message = self._status()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -182,3 +183,39 @@ def test_control_settings() -> None:
     assert control_socket_path(cfg) == Path("/srv/x/control.sock")
     assert cfg.control.socket_mode == 0o600
     assert control_socket_path(from_dict({"control": {"socket": "/run/c.sock"}})) == Path("/run/c.sock")
+
+
+def test_idle_connections_do_not_lock_status_out(ops_daemon: OpsDaemon) -> None:
+    """Three times as many silent connections as the control socket keeps:
+    ``lazypaged status`` is still answered (it used to get ``busy`` until
+    the idle ones timed out after 5 minutes), and a silent connection is
+    dropped with a log line."""
+    from lazypaged.control import MAX_CLIENTS
+
+    idle = []
+    try:
+        for _ in range(MAX_CLIENTS * 3):
+            s = socket.socket(socket.AF_UNIX)
+            idle.append(s)
+            s.settimeout(30)
+            s.connect(str(ops_daemon.control))
+        with ControlClient(ops_daemon.control, timeout=10) as c:
+            assert c.status().daemon.state == "running"
+        # A watcher that keeps asking is not the one made room for.
+        with ControlClient(ops_daemon.control, timeout=10) as watcher:
+            watcher.status()
+            for _ in range(MAX_CLIENTS * 2):
+                s = socket.socket(socket.AF_UNIX)
+                idle.append(s)
+                s.settimeout(30)
+                s.connect(str(ops_daemon.control))
+            assert watcher.status().daemon.state == "running"
+        for s in idle:
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(65536):
+                    pass
+    finally:
+        for s in idle:
+            s.close()
+    dropped = [ln for ln in ops_daemon.d.log_lines() if ln.get("event") == "control_client_dropped"]
+    assert dropped, "no control_client_dropped line"
