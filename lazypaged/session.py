@@ -606,7 +606,10 @@ class RestoreSession:
         Never zeros: ``wait`` keeps the pages missing (their threads blocked)
         and retries with backoff; ``sigbus`` poisons them so a touch raises
         SIGBUS and the rest of the image is still served; ``kill`` ends the
-        target with SIGKILL.
+        target with SIGKILL. Under ``wait`` and ``sigbus`` a failed read of
+        several pages is first read again in pieces (see :meth:`_narrow`):
+        the policy is for the pages whose own bytes cannot be had, never for
+        good pages that shared a read with them.
         """
         st = self.stats
         st.source_errors += 1
@@ -620,9 +623,20 @@ class RestoreSession:
             policy=policy,
             error=str(exc),
         )
-        if policy == "sigbus" and state == INFLIGHT and j - i > 1 and not r.source.synchronous:
-            self._spawn(self._narrow(r, i, j, exc))
-            return
+        if j - i > 1 and policy != "kill":
+            if r.source.synchronous:
+                self._narrow_now(r, i, j, exc, state)
+                return
+            if state == INFLIGHT and (policy == "sigbus" or not self._urgent_lane.get(id(r))):
+                # A peer under wait is not narrowed: a lost link fails every
+                # piece alike, and the retry reads the range again anyway.
+                self._spawn(self._narrow(r, i, j, exc))
+                return
+        self._apply_policy(r, i, j, exc, state)
+
+    def _apply_policy(self, r: Region, i: int, j: int, exc: SourceError, state: int) -> None:
+        """The failure policy for pages [i, j) (those still in ``state``)."""
+        policy = self.failure_policy
         if policy == "sigbus":
             self._poison(r, i, j, state, exc)
             return
@@ -636,6 +650,44 @@ class RestoreSession:
             self._source_ok.clear()
             self._spawn(self._retry_source())
 
+    def _narrow_now(self, r: Region, i: int, j: int, exc: SourceError, state: int) -> None:
+        """:meth:`_narrow` for a synchronous (local) source: at once, inline."""
+        bad: list[tuple[int, int]] = []
+        step = max(1, NARROW_PIECE >> r.shift)
+        for a in range(i, j, step):
+            for lo, hi in runs_of(r.bitmap, state, a, min(j, a + step)):
+                if self._read_now(r, lo, hi, state):
+                    continue
+                for k in range(lo, hi):
+                    if r.bitmap[k] == state and (hi - lo == 1 or not self._read_now(r, k, k + 1, state)):
+                        if bad and bad[-1][1] == k:
+                            bad[-1] = (bad[-1][0], k + 1)
+                        else:
+                            bad.append((k, k + 1))
+            if self.outcome is not None:
+                return
+        self._narrowed(r, i, j, sum(b - a for a, b in bad))
+        for a, b in bad:
+            if self.outcome is None:
+                self._apply_policy(r, a, b, exc, state)
+
+    def _read_now(self, r: Region, i: int, j: int, state: int) -> bool:
+        """Install pages [i, j) (those in ``state``) from a synchronous source; False if the read failed."""
+        try:
+            self._install_extents(r, r.source.extents(r.offset + (i << r.shift), (j - i) << r.shift), state)
+        except SourceError:
+            return False
+        return True
+
+    def _narrowed(self, r: Region, i: int, j: int, failed: int) -> None:
+        self.log.info(
+            "failure_narrowed",
+            offset=hex(r.offset + (i << r.shift)),
+            length=(j - i) << r.shift,
+            pages_failed=failed,
+            policy=self.failure_policy,
+        )
+
     def _poison(self, r: Region, i: int, j: int, state: int, exc: SourceError) -> None:
         """Touching pages [i, j) (those still in ``state``) raises SIGBUS from now on."""
         try:
@@ -645,14 +697,15 @@ class RestoreSession:
             self._kill_target(f"source failed: {exc}")
 
     async def _narrow(self, r: Region, i: int, j: int, exc: SourceError) -> None:
-        """``sigbus``: poison only the pages the source really cannot give.
+        """Apply the policy only to the pages the source really cannot give.
 
-        A failed read may hold one bad frame among megabytes that are fine.
-        Its pages stay in flight (touching threads wait) while they are read
-        again on the urgent lane, in pieces, and page by page where a piece
-        fails; only a page whose own read fails is poisoned.
+        A failed read may hold one bad chunk or frame among megabytes that
+        are fine. Its pages stay in flight (touching threads wait) while
+        they are read again on the urgent lane, in pieces, and page by page
+        where a piece fails; only a page whose own read fails gets the
+        policy (``sigbus``: poisoned; ``wait``: retried).
         """
-        poisoned_before = self.stats.bytes_poisoned
+        bad: list[tuple[int, int]] = []
         step = max(1, NARROW_PIECE >> r.shift)
         for a in range(i, j, step):
             for lo, hi in runs_of(r.bitmap, INFLIGHT, a, min(j, a + step)):
@@ -661,15 +714,16 @@ class RestoreSession:
                         if self.outcome is not None:
                             return
                         if r.bitmap[k] == INFLIGHT and (hi - lo == 1 or not await self._read_again(r, k, k + 1)):
-                            self._poison(r, k, k + 1, INFLIGHT, exc)
+                            if self.failure_policy == "sigbus":
+                                self._poison(r, k, k + 1, INFLIGHT, exc)  # at once: its thread may wait
+                            bad.append((k, k + 1))
                 if self.outcome is not None:
                     return
-        self.log.info(
-            "failure_narrowed",
-            offset=hex(r.offset + (i << r.shift)),
-            length=(j - i) << r.shift,
-            bytes_poisoned=self.stats.bytes_poisoned - poisoned_before,
-        )
+        self._narrowed(r, i, j, len(bad))
+        if self.failure_policy != "sigbus":
+            for a, b in bad:
+                if self.outcome is None and r.bitmap[a] == INFLIGHT:
+                    self._apply_policy(r, a, b, exc, INFLIGHT)
         self._check_complete()
 
     async def _read_again(self, r: Region, i: int, j: int) -> bool:
@@ -1078,6 +1132,13 @@ class RestoreSession:
         plan = []
         for src in {id(r.source): r.source for r in self.regions if r.page == PAGE}.values():
             ws, why = workingset.load(src, cfg.dir)
+            if ws is not None and not self._fill_enabled:
+                # fill: false installs what is faulted and nothing ahead of
+                # it, a replay included (docs/working-set.md). The record
+                # is kept for sessions that fill.
+                self.log.info("working_set_not_replayed", source=src.name, reason="fill is off")
+                ws.close()
+                continue
             if ws is None:
                 if why:
                     self.log.warning("working_set_unusable", source=src.name, reason=why)
@@ -1107,14 +1168,18 @@ class RestoreSession:
     def _record_window(self, r: Region, i: int, m: Mapping) -> tuple[int, int]:
         """While recording, a fault installs exactly the granule-aligned chunk
         it falls in, and only that chunk is recorded: the record then holds
-        what the target used, chunk for chunk."""
+        what the target used, chunk for chunk. With fault-around off only
+        the faulted page goes in (the option means exactly that, recording
+        or not); its chunk is recorded all the same."""
         g = self._ws_cfg.granule if self._ws_cfg else PAGE
         chunk = (r.offset + (i << r.shift)) // g
-        a = max(m.first, (chunk * g - r.offset) >> r.shift)
-        b = min(m.last, ((chunk + 1) * g - r.offset) >> r.shift)
         rec = self._recorders.get(id(r.source))
         if rec is not None:
             rec.note(chunk * g, chunk * g + 1)
+        if not self._fault_around:
+            return i, i + 1
+        a = max(m.first, (chunk * g - r.offset) >> r.shift)
+        b = min(m.last, ((chunk + 1) * g - r.offset) >> r.shift)
         return a, b
 
     async def _record_gate(self) -> None:

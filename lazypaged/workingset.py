@@ -46,6 +46,7 @@ import msgpack
 
 from .snapshot.format import checksum
 from .sources import PageSource, SourceError
+from .sources.lease import FileLease
 
 MAGIC: Final = b"LZPGWS01"
 VERSION: Final = 1
@@ -124,10 +125,13 @@ def save(rec: Recorder, path: Path, recorded_s: float, copies: dict[int, bytes] 
             buf = bytearray(n)
             base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
             zero = True
-            for e in src.extents(off, n):
-                if e.address:
-                    zero = False
-                    ctypes.memmove(base + e.offset - off, e.address, e.length)
+            # This runs in a thread: the pin keeps a mapped file's bytes
+            # readable (no truncation) until they are copied.
+            with src.pinned():
+                for e in src.extents(off, n):
+                    if e.address:
+                        zero = False
+                        ctypes.memmove(base + e.offset - off, e.address, e.length)
         if zero:
             chunks.append([idx, -1, checksum(buf)])
             continue
@@ -170,7 +174,12 @@ class WsChunk:
 
 
 class WorkingSet:
-    """A loaded record: chunks in replay order, data mapped from the file."""
+    """A loaded record: chunks in replay order, data mapped from the file.
+
+    The mapping is read only under a read lease on the record (see
+    sources/lease.py): a record cut short while mapped would otherwise raise
+    SIGBUS in the daemon. Where the lease cannot be had, its chunks count as
+    damaged and are served from the image instead."""
 
     def __init__(self, path: Path, src: PageSource) -> None:
         self.path = path
@@ -212,14 +221,21 @@ class WorkingSet:
             self.chunks = chunks
             self.has_data = bool(h.get("data"))
         except (OSError, KeyError, TypeError, ValueError) as e:
-            raise WorkingSetError(f"{path}: {e}") from None
-        finally:
             os.close(fd)
+            raise WorkingSetError(f"{path}: {e}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._size = size
+        self._lease = FileLease(fd)
 
     def verify(self, c: WsChunk, length: int) -> bool:
         """Whether the stored copy of ``c`` (``length`` bytes) is intact."""
         if not self.has_data:
             return True
+        if c.address and not (self._lease.valid() and self._lease.size >= self._size):
+            return False  # the record is being changed: not read from the mapping
         view = (ctypes.c_char * length).from_address(c.address) if c.address else bytes(length)
         return checksum(memoryview(view).cast("B")) == c.digest
 
@@ -228,6 +244,10 @@ class WorkingSet:
             with contextlib.suppress(BufferError):  # a view still held: the GC closes it
                 self._map.close()
             self._map = None
+        if self._fd >= 0:
+            self._lease.close()
+            os.close(self._fd)
+            self._fd = -1
 
 
 def load(src: PageSource, ws_dir: str = "") -> tuple[WorkingSet | None, str]:

@@ -50,18 +50,29 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", choices=["wait", "sigbus", "kill"], help="per-restore failure_policy")
     ap.add_argument("--timeout", type=float, default=120.0, help="for the completion message")
+    ap.add_argument("--no-fill", action="store_true", help="option fill: false (only faults install pages)")
+    ap.add_argument("--no-fault-around", action="store_true")
+    ap.add_argument("--skip", default="", help="FIRST:COUNT: pages not read (e.g. ones known to be lost)")
+    ap.add_argument("--go", action="store_true", help="read a line from stdin before the first page")
+    ap.add_argument("--mark", type=int, default=-1, help='print {"mark": N} once N pages were read')
     args = ap.parse_args()
     size = args.size
     mem, addr = map_anonymous(size)
-    opts = SessionOptions(working_set=False, failure_policy=args.policy)
+    opts = SessionOptions(working_set=False, failure_policy=args.policy, fill=False if args.no_fill else None,
+                          fault_around=False if args.no_fault_around else None)
     try:
         h = restore(args.socket, [RangeSpec(addr, size, args.name, 0)], options=opts)
     except HandoffError as e:
         print(json.dumps({"ok": False, "handoff_error": e.code, "message": e.message}), flush=True)
         return 2
     print(json.dumps({"accepted": h.session, "pid": os.getpid()}), flush=True)
+    if args.go:
+        sys.stdin.readline()
 
     order = list(range(size // PAGE))
+    if args.skip:
+        first, count = (int(x) for x in args.skip.split(":"))
+        order = [p for p in order if not first <= p < first + count]
     if args.order == "random":
         random.Random(args.seed).shuffle(order)
     view = memoryview(mem)
@@ -71,7 +82,9 @@ def main() -> int:
     poisoned: list[int] = []
     t0 = time.monotonic()
     with open(args.image, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as img:
-        for p in order:
+        for n_read, p in enumerate(order):
+            if n_read == args.mark:
+                print(json.dumps({"mark": n_read}), flush=True)
             off = p * PAGE
             try:
                 n = os.pwrite(scratch, view[off : off + PAGE], 0)
@@ -84,10 +97,16 @@ def main() -> int:
                 wrong.append(p)
     # Every page read (and checked): how long the target itself took.
     print(json.dumps({"read_s": round(time.monotonic() - t0, 3)}), flush=True)
-    done = h.wait(timeout=args.timeout)
+    complete: dict[str, object] | None = None
+    complete_error = ""
+    try:
+        done = h.wait(timeout=args.timeout)
+        complete = {"pages": done.pages, "faults": done.faults}
+    except (HandoffError, TimeoutError) as e:  # reported: the test decides
+        complete_error = f"{type(e).__name__}: {e}"
     print(json.dumps({"ok": not wrong, "wrong_pages": len(wrong), "first_wrong": wrong[:8],
                       "poisoned_pages": len(poisoned), "poisoned": runs(poisoned),
-                      "complete": {"pages": done.pages, "faults": done.faults}}), flush=True)
+                      "complete": complete, "complete_error": complete_error}), flush=True)
     return 0 if not wrong else 3
 
 

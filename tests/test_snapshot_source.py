@@ -4,6 +4,7 @@ decompression stays off the event loop, and open_source picks by magic."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import itertools
 import os
 import random
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from lazypaged.snapshot import ChunkError, FormatError, SnapshotReader, SnapshotWriter, create_from_raw
 from lazypaged.snapshot import format as fmt
 from lazypaged.snapshot import reader as snapshot_reader
-from lazypaged.sources import RawImageSource, SourceError
+from lazypaged.snapshot.format import ChunkKind
+from lazypaged.sources import Extent, PageSource, RawImageSource, SourceError
 from lazypaged.sources.compressed import ZERO_RUN_MIN_PAGES, CompressedSnapshotSource, MappedSnapshotSource
 from lazypaged.sources.open import open_source
 
@@ -141,20 +143,77 @@ def test_long_zero_runs_split_out_short_ones_copied(tmp_path: Path, layout: str)
 
 def test_raw_layout_is_zero_copy(tmp_path: Path, image: tuple[Path, bytes]) -> None:
     path = _make(tmp_path, image, "raw")
-    src = open_source(path)
-    try:
-        assert isinstance(src, MappedSnapshotSource)
-        with SnapshotReader(path) as rd:
-            c = rd.index.chunks[rd.chunk_at(CHUNK * 3)]
-        data = [e for e in src.extents(c.offset, c.length) if e.address]
-        assert data
-        assert all(e.owner is None for e in data)
-        # Addresses point into the file mapping, at the chunk's payload.
-        first = data[0]
-        base = first.address - (first.offset - c.offset) - c.frame_offset - c.data_offset
-        assert base % PAGE == 0
-    finally:
-        src.close()
+
+    async def main() -> None:  # the mapping is read under a lease, which needs the loop
+        src = open_source(path)
+        try:
+            assert isinstance(src, MappedSnapshotSource)
+            with SnapshotReader(path) as rd:
+                c = rd.index.chunks[rd.chunk_at(CHUNK * 3)]
+            data = [e for e in src.extents(c.offset, c.length) if e.address]
+            assert data
+            assert all(e.owner is None for e in data)
+            # Addresses point into the file mapping, at the chunk's payload.
+            first = data[0]
+            base = first.address - (first.offset - c.offset) - c.frame_offset - c.data_offset
+            assert base % PAGE == 0
+        finally:
+            src.close()
+
+    asyncio.run(main())
+
+
+def _bytes(extents: list[Extent], offset: int, length: int) -> bytes:
+    out = bytearray(length)
+    for e in extents:
+        if e.address:
+            out[e.offset - offset : e.offset - offset + e.length] = ctypes.string_at(e.address, e.length)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("leased", [True, False], ids=["leased", "pread"])
+def test_raw_layout_cut_short_is_a_source_error(tmp_path: Path, image: tuple[Path, bytes], leased: bool) -> None:
+    """A mapped snapshot truncated while open: chunks still whole in the file
+    are served right, the others are source errors; the daemon's own reads
+    (checksums) never touch the mapping past the end (no SIGBUS)."""
+    path = _make(tmp_path, image, "raw")
+    _, want = image
+    with SnapshotReader(path) as rd:
+        chunks = list(rd.index.chunks)
+    c = chunks[len(chunks) // 2]
+    cut = c.frame_offset + c.data_offset + 1000  # inside the chunk's payload
+
+    def check(src: PageSource) -> None:
+        for k in chunks:
+            if k.kind == ChunkKind.ZERO:
+                continue
+            if k.frame_offset + k.frame_size <= cut:
+                got = _bytes(src.extents(k.offset, k.length), k.offset, k.length)
+                assert got == want[k.offset : k.offset + k.length]
+            else:
+                with pytest.raises(SourceError):
+                    src.extents(k.offset, k.length)
+
+    if not leased:
+        src = open_source(path)
+        try:
+            os.truncate(path, cut)
+            check(src)
+        finally:
+            src.close()
+        return
+
+    async def main() -> None:
+        src = open_source(path)
+        try:
+            src.extents(0, PAGE)
+            # From a thread: the truncate waits for the loop to let the lease go.
+            await asyncio.to_thread(os.truncate, path, cut)
+            check(src)
+        finally:
+            src.close()
+
+    asyncio.run(main())
 
 
 def test_corrupt_chunk_is_never_served(tmp_path: Path, image: tuple[Path, bytes], served: tuple[str, Path]) -> None:

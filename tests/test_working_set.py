@@ -12,16 +12,19 @@ from .conftest import DaemonHandle, MiB, finish, start_daemon, stop_daemon
 SIZE = 32 * MiB
 
 
-def _run(d: DaemonHandle, *extra: str) -> dict[str, object]:
-    """One restore touching a fixed tenth of the image; its result and fault count."""
+def _run(d: DaemonHandle, *extra: str, fill: bool = False) -> dict[str, object]:
+    """One restore touching a fixed tenth of the image; its result, and its
+    session's end line (fault count, pages installed, session id)."""
     before = len(_ended(d))
-    proc = d.target("img", SIZE, "--touch", "subset", "--no-fill", *extra, wait=False)
+    proc = d.target("img", SIZE, "--touch", "subset", *([] if fill else ["--no-fill"]), *extra, wait=False)
     rc, lines, err = finish(proc)
     assert rc == 0, (lines, err)
     deadline = time.monotonic() + 20
     while len(_ended(d)) == before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return {**lines[-1], "faults": _ended(d)[-1]["faults"]}
+        time.sleep(0.05)  # polling the log for the session's end line
+    end = _ended(d)[-1]
+    return {**lines[-1], "faults": end["faults"], "pages_installed": end["pages_installed"],
+            "session": end["session"]}
 
 
 def _ended(d: DaemonHandle) -> list[dict[str, object]]:
@@ -35,7 +38,7 @@ def test_second_restore_replays_the_first_ones_faults(tmp_path: Path) -> None:
         first = _run(d)
         ws_file = Path(str(image) + workingset.SUFFIX)
         assert ws_file.exists(), d.log.read_text()[-2000:]
-        second = _run(d)
+        second = _run(d, fill=True)  # a replay installs ahead of faults: only with fill on
         events = [x["event"] for x in d.log_lines()]
         assert "working_set_recorded" in events
         assert "working_set_replayed" in events
@@ -73,9 +76,33 @@ def test_corrupt_record_is_refused_not_installed(tmp_path: Path) -> None:
         data = bytearray(ws_file.read_bytes())
         data[-100] ^= 0xFF  # a bit flip in the stored data
         ws_file.write_bytes(bytes(data))
-        got = _run(d)
+        got = _run(d, fill=True)
         assert got["ok"] is True
         corrupt = [x for x in d.log_lines() if x.get("event") == "working_set_chunk_corrupt"]
         assert corrupt
     finally:
         assert stop_daemon(d) == 0
+
+
+#: Pages the "subset" touch of target_prog reads: a tenth of the image.
+SUBSET = SIZE // 4096 // 10
+
+
+def test_fill_off_installs_only_faulted_pages(tmp_path: Path) -> None:
+    """fill: false with fault-around off installs exactly the pages touched:
+    while recording (no whole granules), and with a record at hand (no
+    replay ahead of the faults)."""
+    d = start_daemon(tmp_path, working_set=True)
+    try:
+        image = d.image("img", SIZE)
+        first = _run(d, "--no-fault-around")
+        assert Path(str(image) + workingset.SUFFIX).exists(), d.log.read_text()[-2000:]
+        assert first["pages_installed"] == SUBSET, first
+        second = _run(d, "--no-fault-around")
+        assert second["pages_installed"] == SUBSET, second
+        replays = [x for x in d.log_lines() if x.get("event") == "working_set_replay"
+                   and x.get("session") == second["session"]]
+        assert not replays
+    finally:
+        assert stop_daemon(d) == 0
+

@@ -9,6 +9,7 @@ in a pool) set ``synchronous = False`` and implement :meth:`fetch`.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,13 @@ class PageSource(ABC):
         (zeros included), or 0 if the source cannot say. Huge pages need one
         contiguous buffer per page; a mapped file can give it directly."""
         return 0
+
+    def pinned(self) -> contextlib.AbstractContextManager[bool]:
+        """Keep addresses from :meth:`extents` readable until the block ends,
+        for a reader outside the event loop (a thread) or across awaits. A
+        mapped file otherwise only promises them until the loop runs its next
+        callback (sources/lease.py); memory a source owns needs nothing."""
+        return contextlib.nullcontext(True)
 
     def check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import ctypes
 import functools
 import mmap
@@ -41,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..snapshot.format import ChunkKind, Region
 from ..snapshot.reader import SnapshotReader
 from .base import Extent, PageSource, SourceError
+from .lease import FileLease
 from .raw import _map, _munmap
 
 #: Decoded data the cache may keep alive: 16 MiB covers the fills in flight of
@@ -468,7 +470,13 @@ class CompressedSnapshotSource(_SnapshotSourceBase):
 
 
 class MappedSnapshotSource(_SnapshotSourceBase):
-    """A raw-layout snapshot served zero-copy from a read-only mapping."""
+    """A raw-layout snapshot served zero-copy from a read-only mapping.
+
+    The mapping is read only under a read lease (sources/lease.py) and only
+    for chunks the file held when it was taken; each new lease verifies
+    every chunk again before use. Without a lease a chunk is read with
+    ``pread`` into a buffer and verified there (a cut file reads short).
+    """
 
     synchronous = True
 
@@ -479,22 +487,37 @@ class MappedSnapshotSource(_SnapshotSourceBase):
         self._length = reader.header.file_size
         self._base = _map(reader.fd, self._length, mmap.PROT_READ, mmap.MAP_SHARED)
         self._verified = bytearray(len(reader.index.chunks))
+        self._lease = FileLease(reader.fd)
+        self._verified_gen = self._lease.generation
+        self._lease.valid()
+
+    def pinned(self) -> contextlib.AbstractContextManager[bool]:
+        return self._lease.pinned()
 
     def extents(self, offset: int, length: int) -> list[Extent]:
         if not self._base:
             raise SourceError(f"{self.name}: source is closed")
         spans = self._spans(offset, length)
         needed = self._chunks_of(spans)
-        if needed:
-            # Reading a mapping past the end of its file raises SIGBUS in the
-            # daemon: check the file still holds these chunks before hashing.
-            last = self.reader.index.chunks[needed[-1]]
-            size = os.fstat(self.reader.fd).st_size
-            if size < last.frame_offset + last.frame_size:
-                raise SourceError(f"{self.name}: file shrank to {size} bytes while being served")
         addrs: dict[int, tuple[int, object]] = {}
+        if not needed:
+            return self._build(spans, addrs)
+        lease = self._lease
+        chunks = self.reader.index.chunks
+        if not lease.valid():
+            for i in needed:  # no lease: read and verify each chunk in a buffer of our own
+                buf = bytearray(chunks[i].length)
+                self.reader.chunk_into(i, buf)
+                addrs[i] = (ctypes.addressof(ctypes.c_char.from_buffer(buf)), buf)
+            return self._build(spans, addrs)
+        if lease.generation != self._verified_gen:  # the file may have changed between leases
+            self._verified = bytearray(len(chunks))
+            self._verified_gen = lease.generation
+        last = chunks[needed[-1]]
+        if lease.size < last.frame_offset + last.frame_size:
+            raise SourceError(f"{self.name}: file shrank to {lease.size} bytes while being served")
         for i in needed:
-            c = self.reader.index.chunks[i]
+            c = chunks[i]
             addr = self._base + c.frame_offset + c.data_offset
             if not self._verified[i]:
                 self.reader.check(i, memoryview((ctypes.c_char * c.length).from_address(addr)).cast("B"))
@@ -504,6 +527,7 @@ class MappedSnapshotSource(_SnapshotSourceBase):
 
     def close(self) -> None:
         base, self._base = self._base, 0
+        self._lease.close()
         if base:
             _munmap(base, self._length)
         super().close()

@@ -6,20 +6,31 @@ address of the wanted bytes goes straight into UFFDIO_COPY, so the kernel
 copies from the page cache into the target with no read() and no copy in
 Python.
 
-Zero pages: holes of sparse files are found once with SEEK_DATA/SEEK_HOLE;
-an extent whose data is all zero (checked with one ``memcmp``, which returns
-at the first non-zero byte of real data) is also served as zeros.
+Zero pages: holes of sparse files are found with SEEK_DATA/SEEK_HOLE; an
+extent whose data is all zero (checked with one ``memcmp``, which returns at
+the first non-zero byte of real data) is also served as zeros.
+
+A file cut short while it is served (see :mod:`.lease`): the mapping is only
+read under a read lease, and only below the size the file had when the
+lease was taken, so a page whose bytes are not all in the file is never
+looked at: it is a source error (the session's failure policy), never a
+zero-filled tail and never SIGBUS in the daemon. Without a lease the bytes
+are read with ``pread`` into a buffer and the size is checked after the
+read. Each lease taken anew finds the holes again (the file may have
+changed meanwhile).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 
 from .base import Extent, PageSource, SourceError
+from .lease import FileLease
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -92,7 +103,7 @@ class RawImageSource(PageSource):
     def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
         self.path = os.fspath(path)
         self.name = name or self.path
-        # The fd stays open: each read checks the file still has its size.
+        # The fd stays open: the lease is held on it, and reads check its size.
         self._fd = fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -100,29 +111,52 @@ class RawImageSource(PageSource):
             if self.size % PAGE_SIZE:
                 raise SourceError(f"{self.name}: size {self.size} is not a multiple of {PAGE_SIZE}")
             self._ino = (st.st_dev, st.st_ino)
-            holes = find_holes(fd, self.size)
             self._base = _map(fd, self.size, mmap.PROT_READ, mmap.MAP_SHARED) if self.size else 0
         except BaseException:
             os.close(fd)
             raise
-        self._hole_starts = [h[0] for h in holes]
-        self._hole_ends = [h[1] for h in holes]
+        self._lease = FileLease(fd)
+        self._holes_gen = -1  # the lease generation the hole table was found under
+        self._hole_starts: list[int] = []
+        self._hole_ends: list[int] = []
+        self._lease.valid()
+        self._load_holes()
 
     @property
     def base_address(self) -> int:
         return self._base
 
+    def _load_holes(self) -> None:
+        holes = find_holes(self._fd, min(self.size, os.fstat(self._fd).st_size))
+        self._hole_starts = [h[0] for h in holes]
+        self._hole_ends = [h[1] for h in holes]
+
+    def _mapped(self, end: int) -> bool:
+        """Whether bytes up to ``end`` may be read from the mapping now:
+        leased, and the file held them when the lease was taken."""
+        lease = self._lease
+        if not self._base or not lease.valid() or end > lease.size:
+            return False
+        if self._holes_gen != lease.generation:
+            self._holes_gen = lease.generation
+            self._load_holes()
+        return True
+
+    def pinned(self) -> contextlib.AbstractContextManager[bool]:
+        return self._lease.pinned()
+
     def extents(self, offset: int, length: int) -> list[Extent]:
         self.check_range(offset, length)
         if self._base == 0:
             raise SourceError(f"{self.name}: source is closed")
-        # Reading a mapped file past its end raises SIGBUS in the daemon:
-        # check that the file still holds these bytes before looking at them.
-        size = os.fstat(self._fd).st_size
-        if offset + length > size:
-            raise SourceError(f"{self.name}: file shrank to {size} bytes under the daemon (needed {offset + length})")
+        end = offset + length
+        if not self._mapped(end):
+            if self._lease.valid():  # leased, and the file is shorter than that
+                raise SourceError(f"{self.name}: file shrank to {self._lease.size} bytes under the daemon "
+                                  f"(needed {end})")
+            return self._read(offset, length)
         out: list[Extent] = []
-        pos, end = offset, offset + length
+        pos = offset
         while pos < end:
             # Is pos inside a hole? Holes are sorted and disjoint.
             i = bisect.bisect_right(self._hole_starts, pos) - 1
@@ -136,10 +170,29 @@ class RawImageSource(PageSource):
             pos = stop
         return out
 
+    def _read(self, offset: int, length: int) -> list[Extent]:
+        """No lease: the bytes by ``pread``, trusted only if the file still
+        holds all of them after the read."""
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset)
+            size = os.fstat(self._fd).st_size
+        except OSError as e:
+            raise SourceError(f"{self.name}: read at {offset:#x} failed: {e.strerror}") from None
+        if n != length or size < offset + length:
+            raise SourceError(f"{self.name}: file shrank to {size} bytes under the daemon (needed {offset + length})")
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        out: list[Extent] = []
+        for pos in range(0, length, ZERO_CHECK_MAX):
+            stop = min(length, pos + ZERO_CHECK_MAX)
+            zero = is_zero(base + pos, stop - pos)
+            out.append(Extent(offset + pos, stop - pos, 0 if zero else base + pos, None if zero else buf))
+        return out
+
     def data_address(self, offset: int, length: int) -> int:
-        # No fstat here: the kernel reads these bytes (UFFDIO_COPY), and a file
-        # truncated under us makes the copy fail with EFAULT, never SIGBUS.
-        if not self._base or offset + length > self.size:
+        # Valid until the loop runs another callback: the lease is only let
+        # go from there, so the caller's copy right after this is covered.
+        if offset + length > self.size or not self._mapped(offset + length):
             return 0
         i = bisect.bisect_right(self._hole_starts, offset + length - 1) - 1
         if i >= 0 and offset < self._hole_ends[i]:
@@ -148,7 +201,7 @@ class RawImageSource(PageSource):
 
     def address_of(self, offset: int, length: int) -> int:
         self.check_range(offset, length)
-        return self._base + offset if self._base else 0
+        return self._base + offset if self._mapped(offset + length) else 0
 
     def _data_extents(self, start: int, end: int, out: list[Extent]) -> None:
         pos = start
@@ -160,6 +213,7 @@ class RawImageSource(PageSource):
 
     def close(self) -> None:
         base, self._base = self._base, 0
+        self._lease.close()
         if base:
             _munmap(base, self.size)
         fd, self._fd = self._fd, -1
