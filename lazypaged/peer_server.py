@@ -50,6 +50,8 @@ WRITE_HIGH = 2 * pp.BULK_FRAME
 WRITE_LOW = pp.BULK_FRAME // 2
 #: Seconds a new connection has to say who it is (preamble, TLS handshake).
 HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a refused plaintext connection is kept for its client to read the ERROR and hang up.
+REFUSE_LINGER = 2.0
 #: TCP keepalive for exporter sockets: a reader that vanished is noticed.
 _KEEPALIVE = (30, 10, 3)  # idle s, interval s, probes
 
@@ -116,6 +118,9 @@ class ExportServer:
         self._conns: set[_ExportProtocol] = set()
         self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals: set[asyncio.Task[None]] = set()
+        #: close_connections began: a connection set up now is told so and closed.
+        self._closing = False
 
     @property
     def address(self) -> tuple[str, int]:
@@ -158,7 +163,8 @@ class ExportServer:
             sock.close()
 
     async def close_connections(self) -> None:
-        for t in list(self._tasks):
+        self._closing = True
+        for t in list(self._tasks) + list(self._refusals):
             t.cancel()
         for c in list(self._conns):
             c.abort()
@@ -180,9 +186,10 @@ class ExportServer:
                 self.log.error("export_accept_failed", error=e.strerror)
                 return
             if len(self._conns) + len(self._tasks) >= self.cfg.max_connections:
-                _refuse_plain(
-                    conn, pp.ErrorCode.BUSY, f"the exporter already serves {self.cfg.max_connections} connections"
-                )
+                busy = f"the exporter already serves {self.cfg.max_connections} connections"
+                refusal = asyncio.get_running_loop().create_task(_refuse_plain(conn, pp.ErrorCode.BUSY, busy))
+                self._refusals.add(refusal)
+                refusal.add_done_callback(self._refusals.discard)
                 self.log.warning("peer_refused", peer=_fmt(addr), code="busy")
                 continue
             task = asyncio.get_running_loop().create_task(self._setup(conn, _fmt(addr)))
@@ -201,7 +208,7 @@ class ExportServer:
             return
         plaintext = first.startswith(pp.PREAMBLE[: len(first)]) and bool(first)
         if self._tls is not None and plaintext:
-            _refuse_plain(conn, pp.ErrorCode.AUTH, "this exporter requires TLS with a client certificate")
+            await _refuse_plain(conn, pp.ErrorCode.AUTH, "this exporter requires TLS with a client certificate")
             log.warning("peer_refused", code="auth", reason="plaintext connection to a TLS listener")
             return
         proto = _ExportProtocol(self, log)
@@ -265,12 +272,41 @@ async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket, n: int) ->
             loop.remove_reader(conn.fileno())
 
 
-def _refuse_plain(conn: socket.socket, code: pp.ErrorCode, message: str) -> None:
-    """Answer with a plaintext ERROR and close (best effort, never blocks)."""
-    with contextlib.suppress(OSError):
+async def _refuse_plain(conn: socket.socket, code: pp.ErrorCode, message: str) -> None:
+    """Answer with a plaintext ERROR and close (best effort).
+
+    Closed at once, a socket holding the client's unread HELLO sends a reset,
+    which can destroy the ERROR before the client reads it (it then sees
+    "connection reset" instead of the reason): so the ERROR is followed by
+    our FIN, and the socket closed once the client hung up too, or after
+    ``REFUSE_LINGER`` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
         conn.setblocking(False)
         conn.send(pp.PREAMBLE + pp.encode_error(0, code, message))
-    conn.close()
+        conn.shutdown(socket.SHUT_WR)
+        await asyncio.wait_for(_drain(loop, conn), REFUSE_LINGER)
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        conn.close()
+
+
+async def _drain(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    """Read and drop what the client sends until it closes."""
+    while True:
+        try:
+            if not conn.recv(65536):
+                return
+            continue
+        except (BlockingIOError, InterruptedError):
+            pass
+        ready = loop.create_future()
+        loop.add_reader(conn.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(conn.fileno())
 
 
 class _ExportProtocol(asyncio.BufferedProtocol):
@@ -297,6 +333,14 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        if self.server._closing:
+            # Its setup outlived close_connections: without this it would be
+            # served by an exporter whose exports are gone, and its reader
+            # told that its export is unknown (for good) instead of "come back".
+            self.conn.fatal(pp.ErrorCode.SHUTTING_DOWN, "the exporter is stopping")
+            self._flush()
+            self.transport.close()
+            return
         self.server._conns.add(self)
         cert = transport.get_extra_info("peercert")
         if cert:

@@ -249,3 +249,58 @@ def test_malformed_and_out_of_bounds_frames(two: TwoHosts) -> None:
     _ok(t)
     errs = [e for e in two.a.events() if e.get("event") == "peer_protocol_error"]
     assert len(errs) >= 3
+
+
+def _retrying(d: netns.NsDaemon) -> bool:
+    return any(e.get("event") == "peer_first_contact_retrying" for e in d.events())
+
+
+def test_link_down_at_handoff_time_is_ridden_out(two: TwoHosts) -> None:
+    """B's end of the link is down when the handoff arrives ("Network is
+    unreachable"). The first contact is retried like a reconnect: once the
+    link is up again, within the deadline, the restore runs and every byte
+    is right."""
+    b = two.daemon_b("late", "b", deadline=20.0)
+    two.hosts.link(up=False)
+    try:
+        t = two.target(16 * MiB, "--touch", "seq", daemon=b)
+        try:
+            _wait_for(lambda: _retrying(b), 20, "the first contact to be retried")
+            assert t.poll() is None, "the handoff was refused while the link was down"
+        finally:
+            two.hosts.link(up=True)
+        result = _ok(t)
+    finally:
+        two.hosts.link(up=True)
+        b.stop()
+    assert result["complete"]
+    retried = [e for e in b.events() if e.get("event") == "peer_first_contact_retrying"]
+    assert "unreachable" in str(retried[0]["error"]).lower(), retried
+
+
+def test_link_down_at_handoff_time_for_good_fails_after_the_deadline(two: TwoHosts) -> None:
+    """The link never comes up: the handoff is refused with a clear
+    ``source_error`` once the deadline has passed, not before, and the daemon
+    goes on serving."""
+    deadline = 3.0
+    b = two.daemon_b("never", "b", deadline=deadline)
+    two.hosts.link(up=False)
+    try:
+        t0 = time.monotonic()
+        t = two.target(4 * MiB, "--touch", "seq", daemon=b)
+        rc, lines, err = finish(t, 60)
+        took = time.monotonic() - t0
+    finally:
+        two.hosts.link(up=True)
+    try:
+        assert rc == 2, (lines, err[-2000:])
+        assert lines[0]["handoff_error"] == "source_error", lines
+        message = str(lines[0]["message"])
+        assert "no connection for" in message, message
+        assert f"deadline {deadline} s" in message, message
+        assert "unreachable" in message.lower(), message
+        assert took >= deadline, took
+        # Refused once: the daemon still serves a restore now that the link is up.
+        _ok(two.target(4 * MiB, "--touch", "seq", daemon=b))
+    finally:
+        b.stop()

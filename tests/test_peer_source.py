@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -264,12 +264,17 @@ async def test_exporter_restart_mid_reads_resumes(setup: Setup) -> None:
     port = setup.server.address[1]
     try:
         src = await pool.acquire_async(setup.url)
-        await src.fetch(0, PAGE)
+        # Both links up first: the urgent one is connected by a read of its
+        # own (warming it up may still be under way when the exporter stops,
+        # and then its first connection is the one to the second exporter).
+        await asyncio.gather(src.fetch(0, PAGE), src.fetch_urgent(0, PAGE))
+        assert src.peer.urgent.connects == 1
         # Exporter goes away; reads issued now wait, then complete once it is back.
         setup.server.stop_accepting()
         await setup.server.close_connections()
         waiting = [asyncio.ensure_future(src.fetch_urgent(o, 16 * PAGE)) for o in range(0, MiB, 16 * PAGE)]
-        await asyncio.sleep(0.5)
+        # Waiting for real: the urgent link lost and a reconnect refused.
+        await _until(lambda: src.peer.urgent.proto is None and bool(src.peer.urgent.last_error))
         assert not any(w.done() for w in waiting)
         cfg2 = ExportConfig(listen=f"127.0.0.1:{port}", snapshots=(Path("img"),))
         server2 = ExportServer(cfg2, setup.registry)
@@ -280,6 +285,54 @@ async def test_exporter_restart_mid_reads_resumes(setup: Setup) -> None:
                 o = k * 16 * PAGE
                 assert _read(ext, o, 16 * PAGE) == setup.image[o : o + 16 * PAGE]
             assert src.peer.urgent.connects >= 2
+        finally:
+            server2.stop_accepting()
+            await server2.close_connections()
+    finally:
+        pool.close()
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    """Wait (up to 20 s) for a state change of the links: they change in
+    loop callbacks, with no event of their own to await."""
+    for _ in range(2000):
+        if pred():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the links never reached the state waited for")
+
+
+@pytest.mark.asyncio
+async def test_deadline_runs_from_the_loss_then_reads_fail_at_once(setup: Setup) -> None:
+    """The exporter goes away for good: a read waiting fails once the link
+    has been down for the deadline, counted from the loss, and a read asked
+    later fails at once instead of waiting a deadline of its own; when the
+    exporter is back, the link finds it again and reads work."""
+    deadline = 1.0
+    pool = PeerPool(RemoteConfig(reconnect_deadline=deadline, backoff_max=0.1))
+    port = setup.server.address[1]
+    loop = asyncio.get_running_loop()
+    try:
+        src = await pool.acquire_async(setup.url)
+        await asyncio.gather(src.fetch(0, PAGE), src.fetch_urgent(0, PAGE))
+        setup.server.stop_accepting()
+        await setup.server.close_connections()
+        lost = loop.time()
+        await _until(lambda: src.peer.urgent.proto is None)
+        with pytest.raises(SourceError, match="no connection for"):
+            await src.fetch_urgent(PAGE, PAGE)
+        assert loop.time() - lost < deadline + 1.0
+        for link in (src.peer.urgent, src.peer.bulk):
+            t0 = loop.time()
+            with pytest.raises(SourceError, match=f"deadline {deadline} s"):
+                await link.read(src.export, 2 * PAGE, PAGE)
+            assert loop.time() - t0 < 0.05, "a read past the deadline must fail at once"
+        server2 = ExportServer(ExportConfig(listen=f"127.0.0.1:{port}", snapshots=(Path("img"),)), setup.registry)
+        await server2.start()
+        try:
+            await _until(lambda: src.peer.urgent.proto is not None and src.peer.bulk.proto is not None)
+            assert _read(await src.fetch_urgent(MiB, PAGE), MiB, PAGE) == setup.image[MiB : MiB + PAGE]
+            assert _read(await src.fetch(2 * MiB, MiB), 2 * MiB, MiB) == setup.image[2 * MiB : 3 * MiB]
         finally:
             server2.stop_accepting()
             await server2.close_connections()

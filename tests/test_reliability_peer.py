@@ -521,7 +521,8 @@ def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> Non
     try:
         assert _json_line(t, "accepted").get("accepted")
         ready = _json_line(t, "ready")
-        assert ready.get("ready") and ready["early_poisoned"] == 0, ready
+        assert ready.get("ready"), ready
+        assert ready["early_poisoned"] == 0, ready
         hosts2.exporter.kill()  # SIGKILL, reaped: gone for good
         killed_at = time.monotonic()
         assert t.stdin is not None
@@ -530,8 +531,8 @@ def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> Non
         rc, lines, err = finish(t, 120)
     finally:
         kill(t)
-    summary = next((ln for ln in lines if "worst_late_s" in ln), {})
-    final = next((ln for ln in lines if "final" in ln), {})
+    summary: dict[str, Any] = next((ln for ln in lines if "worst_late_s" in ln), {})
+    final: dict[str, Any] = next((ln for ln in lines if "final" in ln), {})
     print(json.dumps({"deadline_s": deadline, **summary, "final": final.get("final"), "rc": rc}))
     assert summary, (lines, err[-2000:])
     assert summary["wrong_pages"] == 0, summary
@@ -542,4 +543,5 @@ def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> Non
     assert any("touching" in ln for ln in lines), lines
     assert rc == -7, (rc, lines, err[-2000:])  # SIGBUS
     ended = _named(reader.events(), "session_ended")
-    assert ended and ended[-1]["outcome"] == "complete", ended
+    assert ended, "no session_ended logged"
+    assert ended[-1]["outcome"] == "complete", ended

@@ -23,6 +23,11 @@ Theory of operation.
   SourceError, and every read asked of it later fails at once, until a
   connection succeeds again (the link keeps trying, ``backoff_max`` apart).
   The failure policy then decides; a failed read never becomes zeros.
+* The first contact with an export (its size and identity, needed before a
+  handoff can be accepted) rides out a link that is down the same way:
+  :meth:`PeerPool.acquire_async` retries it with the same backoff until
+  ``reconnect_deadline`` has passed, whatever the failure policy, then
+  refuses with the last error.
 * Refusals that retrying cannot fix fail at once: a TLS handshake the peer
   or we rejected, no common protocol version, an export that is gone or
   now holds another image.
@@ -74,6 +79,15 @@ BULK_GAP = 0.008
 
 class PeerUnavailable(SourceError):
     """The peer cannot be reached, or refused us for good."""
+
+
+class _NoAnswer(PeerUnavailable):
+    """No connection, or no answer: what a link that is down looks like, so
+    worth retrying (a refusal is not)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # -- receive buffers --------------------------------------------------------------------
@@ -831,10 +845,42 @@ class PeerPool:
             return held
         peer, name = self._resolve(url)
         if name not in peer.exports:
-            size, identity = await asyncio.to_thread(probe, peer.host, peer.port, name, self.cfg, self.ssl)
+            size, identity = await self._first_contact(peer, name)
             peer.export(name, size, identity)
         held = self._hold(url)  # another acquire may have finished meanwhile
         return held if held is not None else self._make(url, peer, name)
+
+    async def _first_contact(self, peer: Peer, name: str) -> tuple[int, bytes]:
+        """:func:`probe`, retried while the peer does not answer, up to
+        ``reconnect_deadline``: a link down at handoff time is ridden out
+        like one that drops a moment later."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        due = start + cfg.reconnect_deadline
+        delay = _BACKOFF_START
+        attempts = 0
+        while True:
+            attempts += 1
+            timeout = max(0.05, min(cfg.connect_timeout, due - loop.time()))
+            try:
+                return await asyncio.to_thread(probe, peer.host, peer.port, name, cfg, self.ssl, timeout)
+            except _NoAnswer as e:
+                error = e.reason
+            now = loop.time()
+            waited = now - start
+            if now >= due:
+                peer.log.error(
+                    "peer_unreachable", export=name, waited_s=round(waited, 3), attempts=attempts, error=error
+                )
+                raise PeerUnavailable(
+                    f"{peer.label}/{name}: no connection for {waited:.1f} s (deadline {cfg.reconnect_deadline} s); "
+                    f"last error: {error}"
+                )
+            log = peer.log.warning if attempts == 1 else peer.log.debug
+            log("peer_first_contact_retrying", export=name, attempts=attempts, error=error)
+            await asyncio.sleep(min(delay, due - now))
+            delay = min(delay * 2, cfg.backoff_max)
 
     def _hold(self, url: str) -> RemoteSource | None:
         if url in self._sources:
@@ -974,16 +1020,20 @@ def _address(buf: object) -> int:
 # -- the blocking first contact ----------------------------------------------------------------
 
 
-def probe(host: str, port: int, name: str, cfg: RemoteConfig, ctx: ssl.SSLContext | None) -> tuple[int, bytes]:
+def probe(
+    host: str, port: int, name: str, cfg: RemoteConfig, ctx: ssl.SSLContext | None, timeout: float | None = None
+) -> tuple[int, bytes]:
     """Ask the peer for export ``name``'s size and identity (blocking, bounded
-    by ``cfg.connect_timeout``). The same protocol core as the links, over a
-    plain blocking socket."""
+    by ``timeout``, by default ``cfg.connect_timeout``). The same protocol core
+    as the links, over a plain blocking socket. A peer that could not be
+    reached or did not answer raises a PeerUnavailable that may be retried
+    (see PeerPool._first_contact); other refusals are final."""
     label = f"peer://{host}:{port}/{name}"
-    timeout = cfg.connect_timeout
+    timeout = cfg.connect_timeout if timeout is None else timeout
     try:
         raw = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise PeerUnavailable(f"{label}: cannot connect: {_describe(e)}") from None
+        raise _NoAnswer(f"{label}: cannot connect: {_describe(e)}", _describe(e)) from None
     sock: socket.socket = raw
     try:
         if ctx is not None:
@@ -998,8 +1048,15 @@ def probe(host: str, port: int, name: str, cfg: RemoteConfig, ctx: ssl.SSLContex
         except ssl.SSLError as e:
             raise PeerUnavailable(f"{label}: the peer refused the TLS session: {_describe(e)}") from None
         except TimeoutError:
-            raise PeerUnavailable(f"{label}: no answer within {timeout} s") from None
+            raise _NoAnswer(f"{label}: no answer within {timeout:g} s", f"no answer within {timeout:g} s") from None
         except OSError as e:
+            if ctx is not None:
+                # TLS 1.3 checks our certificate after the handshake: a
+                # refusal can arrive as a reset instead of an alert.
+                raise PeerUnavailable(
+                    f"{label}: the TLS session was reset before the peer answered ({_describe(e)}): "
+                    "it refused our client certificate? (compare [remote] tls_cert with the exporter's tls_ca)"
+                ) from None
             raise PeerUnavailable(f"{label}: {_describe(e)}") from None
         except pp.RemoteProtocolError as e:
             raise PeerUnavailable(f"{label}: protocol error: {e}") from None
@@ -1034,7 +1091,10 @@ def _probe_exchange(
         if isinstance(ev, pp.Welcome):
             conn.open(1, name)
         elif isinstance(ev, pp.PeerError):
-            raise PeerUnavailable(f"{label}: the peer refused: {ev.reason}: {ev.message}")
+            why = f"the peer refused: {ev.reason}: {ev.message}"
+            if ev.code in (pp.ErrorCode.BUSY, pp.ErrorCode.SHUTTING_DOWN):
+                raise _NoAnswer(f"{label}: {why}", why)
+            raise PeerUnavailable(f"{label}: {why}")
         elif isinstance(ev, pp.OpenFailed):
             raise SourceError(f"{label}: the peer refused the export: {ev.reason}: {ev.message}")
         elif isinstance(ev, pp.Opened):
