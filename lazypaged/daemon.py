@@ -197,6 +197,8 @@ class Daemon:
         if cfg.access.socket_group:  # after the control listener has made its socket
             self.listeners.append(SocketOwner(control_socket_path(cfg), cfg.access.socket_group))
         self.log = structlog.get_logger()
+        #: The handoff server and the listeners that did start, in order.
+        self._started: list[Listener] = []
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.ready = asyncio.Event()
@@ -281,9 +283,15 @@ class Daemon:
         for other in ignored_signals():
             loop.add_signal_handler(other, self._signal, other)
         try:
-            await self.handoff.start(_inherited_socket())
-            for listener in self.listeners:
-                await listener.start()
+            try:
+                await self.handoff.start(_inherited_socket())
+                self._started.append(self.handoff)
+                for listener in self.listeners:
+                    await listener.start()
+                    self._started.append(listener)
+            except Exception as e:
+                await self._start_failed(e)
+                raise
             notify("READY=1\nSTATUS=listening")
             self.ready.set()
             if on_ready is not None:
@@ -298,9 +306,21 @@ class Daemon:
             self.registry.close()
         return 0
 
+    async def _start_failed(self, e: Exception) -> None:
+        """A listener could not start after sessions were already adopted
+        from a predecessor: exiting now would close their uffds, so they go
+        through the ordered shutdown first."""
+        if not len(self.sessions):
+            return
+        self.log.error("start_failed", error=str(e), sessions=[s.id for s in self.sessions],
+                       action="finishing the adopted sessions in an ordered shutdown, then exiting")
+        self._stop.set()
+        notify("STOPPING=1")
+        await self.shutdown()
+
     async def shutdown(self) -> None:
-        self.handoff.stop_accepting()
-        for listener in self.listeners:
+        started = self._started or [self.handoff, *self.listeners]
+        for listener in started:
             listener.stop_accepting()
         deadline = asyncio.get_running_loop().time() + self.cfg.shutdown_grace
         while self.sessions.running():
@@ -326,8 +346,7 @@ class Daemon:
                 self.log.error("killing_target", session=s.id, pid=s.pid, reason="forced exit before restore completed")
                 _kill(s.pid)
             s.abandon()
-        await self.handoff.close_connections()
-        for listener in self.listeners:
+        for listener in started:
             await listener.close_connections()
         self.log.info("stopped", finished_sessions=self.sessions.finished)
 
