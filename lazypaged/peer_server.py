@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import os
 import socket
 import ssl
@@ -38,7 +39,7 @@ import zstandard
 
 from . import peer_protocol as pp
 from .access import certificate_identities
-from .config import ExportConfig
+from .config import Config, ExportConfig
 from .peer_tls import server_context, split_host_port
 from .snapshot.format import checksum
 from .sources.base import Extent, PageSource, SourceError
@@ -119,6 +120,8 @@ class ExportServer:
         self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._refusals: set[asyncio.Task[None]] = set()
+        #: Exports withdrawn by a reload, released once no connection can send their bytes.
+        self._retiring: set[asyncio.Task[None]] = set()
         #: close_connections began: a connection set up now is told so and closed.
         self._closing = False
 
@@ -156,6 +159,76 @@ class ExportServer:
             exports={n: e.source.size for n, e in self.exports.items()},
         )
 
+    def reload(self, cfg: Config) -> None:
+        """Serve ``cfg``'s exports and peer identity rules from now on.
+
+        All or nothing: a snapshot that cannot be opened raises (the registry's
+        error) and nothing changes. Connections with a withdrawn export open,
+        or whose certificate is no longer allowed, are closed: their readers
+        reconnect and are told ``unknown_export`` or ``auth`` like any new
+        reader, so no reader keeps what the new rules deny. The listen address
+        and TLS material need a restart; changes to them are logged and left.
+        """
+        new, old = cfg.export, self.cfg
+        names = list(dict.fromkeys(str(p) for p in new.snapshots))
+        added: dict[str, Export] = {}
+        try:
+            for name in names:
+                if name not in self.exports:
+                    src = self.registry.acquire(name)
+                    try:
+                        added[name] = Export(name, src, identity_of(src))
+                    except BaseException:
+                        self.registry.release(src)
+                        raise
+        except BaseException:
+            for e in added.values():
+                self.registry.release(e.source)
+            raise
+        withdrawn = [e for n, e in self.exports.items() if n not in names]
+        for e in withdrawn:
+            del self.exports[e.name]
+        self.exports.update(added)
+        self.allowed = frozenset(cfg.access.peer_identities)
+        self.cfg = dataclasses.replace(old, snapshots=new.snapshots)
+        gone = {id(e) for e in withdrawn}
+        closing: list[_ExportProtocol] = []
+        for c in list(self._conns):
+            if not self._may_read(c.identities):
+                c.refuse_auth()
+                closing.append(c)
+            elif any(id(e) in gone for e in c.exports_open()):
+                c.abort()
+                closing.append(c)
+        if withdrawn:
+            task = asyncio.get_running_loop().create_task(self._retire(withdrawn, closing))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        fixed = ("listen", "tls_cert", "tls_key", "tls_ca", "insecure")
+        restart = [k for k in fixed if getattr(new, k) != getattr(old, k)]
+        self.log.info(
+            "export_reloaded",
+            added=sorted(added),
+            withdrawn=sorted(e.name for e in withdrawn),
+            peer_identities=sorted(self.allowed),
+            connections_closed=len(closing),
+            needs_restart=restart,
+        )
+        if restart:
+            self.log.warning("export_reload_needs_restart", settings=restart)
+
+    async def _retire(self, exports: list[Export], closing: list[_ExportProtocol]) -> None:
+        try:
+            await asyncio.gather(*(c.gone.wait() for c in closing))
+            # Transports may still reference mmap-backed memory until closed.
+            await asyncio.sleep(0)
+        finally:
+            for e in exports:
+                self.registry.release(e.source)
+
+    def _may_read(self, identities: frozenset[str]) -> bool:
+        return not self.allowed or bool(identities & self.allowed)
+
     def stop_accepting(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
@@ -169,6 +242,7 @@ class ExportServer:
         for c in list(self._conns):
             c.abort()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         # Transports may still reference mmap-backed memory until closed.
         await asyncio.sleep(0)
         for e in self.exports.values():
@@ -327,6 +401,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         self.bytes_sent = 0
         self._client = ""
         self._reader: _Reader = _Reader()
+        #: The client certificate's identities (subject CN, subjectAltName values).
+        self.identities: frozenset[str] = frozenset()
+        self.gone = asyncio.Event()
 
     # -- transport callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -345,15 +422,25 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         cert = transport.get_extra_info("peercert")
         if cert:
             self.log = self.log.bind(client=_subject(cert))
-        if self.server.allowed and not certificate_identities(cert or {}) & self.server.allowed:
-            who = sorted(certificate_identities(cert or {})) or "no certificate"
-            reason = f"certificate identity {who} not in access.peer_identities"
-            self.log.warning("peer_refused", code="auth", reason=reason)
-            self.conn.fatal(pp.ErrorCode.AUTH, "this certificate may not read these exports")
-            self._flush()
-            self.transport.close()
+        self.identities = frozenset(certificate_identities(cert or {}))
+        if not self.server._may_read(self.identities):
+            self.refuse_auth()
             return
         self._flush()
+
+    def refuse_auth(self) -> None:
+        """Send ERROR ``auth`` and close: this certificate may not read (any more)."""
+        who = sorted(self.identities) or "no certificate"
+        reason = f"certificate identity {who} not in access.peer_identities"
+        self.log.warning("peer_refused", code="auth", reason=reason)
+        self.conn.fatal(pp.ErrorCode.AUTH, "this certificate may not read these exports")
+        self._closing = True
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
+
+    def exports_open(self) -> list[Export]:
+        return list(self._handles.values())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.conn.get_buffer()
@@ -382,6 +469,7 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         if self._writer is not None:
             self._writer.cancel()
         self._can_write.set()
+        self.gone.set()
         self.log.info("peer_disconnected", reads_left=len(self._queue), error=str(exc) if exc else None)
 
     def pause_writing(self) -> None:
