@@ -280,10 +280,13 @@ class ExportServer:
         except (TimeoutError, OSError):
             conn.close()
             return
+        except asyncio.CancelledError:
+            conn.close()  # at once: the reader sees the close, not silence until this is collected
+            raise
         plaintext = first.startswith(pp.PREAMBLE[: len(first)]) and bool(first)
         if self._tls is not None and plaintext:
-            await _refuse_plain(conn, pp.ErrorCode.AUTH, "this exporter requires TLS with a client certificate")
             log.warning("peer_refused", code="auth", reason="plaintext connection to a TLS listener")
+            await _refuse_plain(conn, pp.ErrorCode.AUTH, "this exporter requires TLS with a client certificate")
             return
         proto = _ExportProtocol(self, log)
         try:
