@@ -8,7 +8,9 @@ Rules of this file:
 
 * A connection that does not become a session gets exactly one ``error``
   reply (when the peer can still read it) and one ``handoff_refused`` log
-  line with the same code. Nothing a client sends may escape as an
+  line with the same code; those turned away ``busy`` on arrival, over
+  their user's pending limit, are counted in one ``pending_limit`` line per
+  burst instead, so a flood cannot flood the log. Nothing a client sends may escape as an
   exception: what is not a known refusal is logged as ``handoff_bug`` and
   refused as ``internal_error``, and the listener keeps serving.
 * Every descriptor received is either owned by a session or closed before
@@ -52,7 +54,7 @@ from .sessions import SessionTable
 from .sources import PageSource, SourceError
 from .sources.registry import ForbiddenSource, SourceRegistry, UnknownSource
 from .sources.remote import PeerPool
-from .target_vmas import UFFD_MISSING_FLAG, first_gap, page_mismatch, read_vmas
+from .target_vmas import UFFD_MISSING_FLAG, Vma, first_gap, page_mismatch, read_vmas
 from .unixsock import AncillaryTruncated, PeerCred, listen_unix, peer_cred, recv_fds
 
 _abi = _uffd.abi
@@ -452,13 +454,16 @@ class HandoffServer:
         try:
             mappings = [self._mapping(r, acquired) for r in ranges]
             _check_page_sizes(pid, ranges)
+            vmas: list[Vma] | None
             if req.registered:
-                _check_registered(uffd, pid, ranges)
+                vmas = _check_registered(uffd, pid, ranges)
             else:
                 if api_done is False:
                     raise Refused("register_failed", "UFFDIO_API was never called on the attached userfaultfd")
                 _register_all(uffd, ranges, registered)
-                _check_mapped(pid, ranges)
+                vmas = _check_mapped(pid, ranges)
+            if vmas is not None:
+                mappings = _split_at_vmas(mappings, vmas)
             sid = uuid.uuid4().hex[:12]
             session = RestoreSession(
                 sid,
@@ -649,7 +654,27 @@ def _check_page_sizes(pid: int, ranges: list[hp.RangeSpec]) -> None:
             )
 
 
-def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> None:
+def _split_at_vmas(mappings: list[Mapping], vmas: list[Vma]) -> list[Mapping]:
+    """The mappings cut where the target's mappings (VMAs) begin and end.
+
+    One UFFDIO_COPY must stay inside one VMA: across a boundary (part of a
+    range mprotect()ed, two adjacent mmaps) the whole call fails with
+    ENOENT, as if nothing were mapped there. Cut here, no copy of the
+    session crosses a boundary the target had at handoff; parts with no
+    VMA at all (a re-handed range the target unmapped a piece of) get no
+    mapping, and their pages count as gone.
+    """
+    out: list[Mapping] = []
+    for m in mappings:
+        shift = m.region.shift
+        for v in vmas:
+            lo, hi = max(m.start, v.start), min(m.end, v.end)
+            if lo < hi:
+                out.append(Mapping(lo, hi, m.region, m.first + ((lo - m.start) >> shift)))
+    return out
+
+
+def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> list[Vma] | None:
     """Every byte of every range is mapped in the target.
 
     UFFDIO_REGISTER takes a range with holes in it and registers only what
@@ -657,7 +682,7 @@ def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> None:
     the target would read zeros where the snapshot has data.
     """
     if pid <= 0:
-        return  # the peer's pid is not visible here: nothing to read
+        return None  # the peer's pid is not visible here: nothing to read
     try:
         vmas = read_vmas(pid)
     except OSError as e:
@@ -670,16 +695,20 @@ def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> None:
                 f"range {r.start:#x}+{r.length:#x} is not wholly mapped in process {pid}: "
                 f"nothing at {gap[0]:#x}..{gap[1]:#x}",
             )
+    return vmas
 
 
-def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSpec]) -> None:
+def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSpec]) -> list[Vma]:
     """A request that says its ranges are registered: prove they are, on this uffd.
 
     The target's VmFlags show ``um`` wherever *some* uffd is registered in
-    missing mode, and only there; registering the same range again with the
-    attached uffd then succeeds only if that uffd is this one (another
-    one's range answers EBUSY), and changes nothing. Both together: every
-    byte is registered, in missing mode, with the uffd we serve.
+    missing mode, and only there; registering the same memory again with
+    the attached uffd then succeeds only if that uffd is this one (another
+    one's answers EBUSY), and changes nothing. Both together: every mapped
+    byte of every range is registered, in missing mode, with the uffd we
+    serve. Unmapped parts are allowed: a target re-handed after it unmapped
+    part of a range has them, and nothing can be read there (memory mapped
+    there later is new memory, zeros by right).
     """
     if pid <= 0:
         raise Refused("not_registered", "cannot verify the registration: the target's pid is not visible here")
@@ -687,16 +716,22 @@ def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSp
         vmas = read_vmas(pid, flags=True)
     except OSError as e:
         raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    mapped: list[hp.RangeSpec] = []
     for r in ranges:
-        gap = first_gap(vmas, r.start, r.end, UFFD_MISSING_FLAG)
-        if gap is not None:
-            raise Refused(
-                "not_registered",
-                f"range {r.start:#x}+{r.length:#x} is said to be registered, but {gap[0]:#x}..{gap[1]:#x} "
-                f"is not registered with a userfaultfd in missing mode in process {pid}",
-            )
-    # Nothing to undo on a refusal: a range that registers again was ours already.
-    _register_all(uffd, ranges, [], refusal="not_registered")
+        for v in vmas:
+            lo, hi = max(r.start, v.start), min(r.end, v.end)
+            if lo >= hi:
+                continue
+            if UFFD_MISSING_FLAG not in v.flags:
+                raise Refused(
+                    "not_registered",
+                    f"range {r.start:#x}+{r.length:#x} is said to be registered, but {lo:#x}..{hi:#x} is "
+                    f"not registered with a userfaultfd in missing mode in process {pid}",
+                )
+            mapped.append(dataclasses.replace(r, start=lo, length=hi - lo))
+    # Nothing to undo on a refusal: memory that registers again was ours already.
+    _register_all(uffd, mapped, [], refusal="not_registered")
+    return vmas
 
 
 def _register_all(

@@ -514,16 +514,6 @@ def registered_claimed_but_only_half_is(c: Ctx) -> hp.Message | None:
     return c.send(packed(c.request(ranges, registered=True)), [u.fileno()])
 
 
-@case("not_registered", concurrent=False)
-def registered_claimed_over_a_hole(c: Ctx) -> hp.Message | None:
-    base = c.mapping(12)
-    _libc.munmap(base + 4 * PAGE, 4 * PAGE)
-    u = c.uffd()
-    u.register(base, 12 * PAGE)  # the kernel takes it: a hole is not an error there
-    return c.send(packed(c.request([{"start": base, "length": 12 * PAGE, "source": "img"}], registered=True)),
-                  [u.fileno()])
-
-
 @case("not_registered")
 def registered_claimed_in_write_protect_mode_only(c: Ctx) -> hp.Message | None:
     # Registered with this uffd, but not for missing pages: no fault would reach the daemon.
@@ -1011,6 +1001,52 @@ def test_descriptor_on_a_later_byte_of_the_frame_is_taken(shared: DaemonHandle, 
                 assert chunk, "closed without complete"
                 msgs += dec.feed(chunk)
             assert isinstance(msgs[1], hp.Complete), msgs
+    finally:
+        mem.close()
+    assert_fds_back_to(shared, fd_baseline)
+
+
+def test_registered_range_with_an_unmapped_part_is_served(shared: DaemonHandle, fd_baseline: list[str]) -> None:
+    """What a re-handed restore looks like after the target unmapped part of
+    a range: the mapped parts are registered with this uffd, the hole is
+    nothing. Accepted; every mapped byte is served, the hole counts as gone."""
+    size = 12 * PAGE
+    expected = shared.images["img"].read_bytes()[:size]
+    mem, addr = map_anonymous(size)
+    try:
+        with Handoff.connect(shared.socket) as h, Userfaultfd.create() as uffd:
+            uffd.api(0)
+            uffd.register(addr, size)
+            assert _libc.munmap(addr + 4 * PAGE, 4 * PAGE) == 0
+            # With the fill, as a re-hand does: a hole never faults, the fill finds it gone.
+            h.send(uffd, [hp.RangeSpec(addr, size, "img", 0)], registered=True,
+                   options=hp.SessionOptions(fill=True, fault_around=False), keep_uffd=False)
+            got = ctypes.string_at(addr, 4 * PAGE) + ctypes.string_at(addr + 8 * PAGE, 4 * PAGE)
+            assert got == expected[: 4 * PAGE] + expected[8 * PAGE :], "wrong bytes in the restored memory"
+            done = h.wait(timeout=30)
+        assert done.bytes_copied + done.bytes_zero == 8 * PAGE, done
+    finally:
+        with contextlib.suppress(ValueError):
+            mem.close()
+    assert_fds_back_to(shared, fd_baseline)
+
+
+def test_range_over_two_mappings_gets_every_byte(shared: DaemonHandle, fd_baseline: list[str]) -> None:
+    """One range, two VMAs (its second half mprotect()ed read-only): one
+    UFFDIO_COPY across the boundary fails with ENOENT as if nothing were
+    mapped, and the whole run used to be taken for gone. The fill did
+    nothing, ``complete`` came, and the target read zeros."""
+    size = 8 * PAGE
+    expected = shared.images["img"].read_bytes()[:size]
+    mem, addr = map_anonymous(size)
+    try:
+        assert _libc.mprotect(addr + 4 * PAGE, 4 * PAGE, mmap.PROT_READ) == 0
+        with Handoff.connect(shared.socket) as h, Userfaultfd.create() as uffd:
+            uffd.api(0)
+            h.send(uffd, [hp.RangeSpec(addr, size, "img", 0)], options=hp.SessionOptions(fill=True))
+            done = h.wait(timeout=30)  # nothing touched: the fill alone brings every page
+        assert ctypes.string_at(addr, size) == expected, "wrong bytes in the restored memory"
+        assert done.bytes_copied + done.bytes_zero == size, done
     finally:
         mem.close()
     assert_fds_back_to(shared, fd_baseline)
