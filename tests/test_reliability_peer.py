@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -504,14 +505,17 @@ def _json_line(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
 LATE_BOUND = 2.0
 
 
-def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> None:
-    """The exporter is SIGKILLed mid-restore and never comes back; policy
-    ``sigbus``, ``reconnect_deadline`` 2 s. Every page not installed by then
-    is poisoned by the deadline counted from the loss: a touch waiting on the
-    link ends (EFAULT, a user touch's SIGBUS) within a small bound of it, a
-    touch after it at once. Every installed page is right, the session ends
-    with its final frame, and a real touch of a poisoned page raises SIGBUS."""
-    deadline = 2.0
+def _lose_the_exporter(
+    hosts2: Hosts2, lose: Callable[[], None], after: Callable[[], None] | None = None, deadline: float = 2.0
+) -> None:
+    """One restore under ``sigbus`` with a 2 s deadline; ``lose`` takes the
+    exporter away for good once the target has read its first MiB (the
+    deadline is counted from then), ``after`` waits for whatever should
+    happen before the target touches the rest. Then every touch of a page
+    that was not installed must end (EFAULT, a user touch's SIGBUS) within
+    LATE_BOUND of the deadline, or of its own start if it began later; every
+    installed page is right, the session ends with its final frame, and a
+    real touch of a poisoned page raises SIGBUS."""
     reader = hosts2.start_reader(deadline)
     hosts2.hosts.shape("40mbit")  # 32 MiB take ~7 s: the loss is early in the restore
     args = [sys.executable, str(LOSS_TARGET), "--socket", str(reader.socket), "--image", str(hosts2.image),
@@ -523,10 +527,12 @@ def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> Non
         ready = _json_line(t, "ready")
         assert ready.get("ready"), ready
         assert ready["early_poisoned"] == 0, ready
-        hosts2.exporter.kill()  # SIGKILL, reaped: gone for good
-        killed_at = time.monotonic()
+        lost_at = time.monotonic()
+        lose()
+        if after is not None:
+            after()
         assert t.stdin is not None
-        t.stdin.write(f"{killed_at}\n")
+        t.stdin.write(f"{lost_at}\n")
         t.stdin.flush()
         rc, lines, err = finish(t, 120)
     finally:
@@ -545,3 +551,45 @@ def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> Non
     ended = _named(reader.events(), "session_ended")
     assert ended, "no session_ended logged"
     assert ended[-1]["outcome"] == "complete", ended
+
+
+def test_exporter_lost_for_good_sigbus_holds_the_deadline(hosts2: Hosts2) -> None:
+    """The exporter is SIGKILLed mid-restore and never comes back (both
+    connections see it go at once)."""
+    _lose_the_exporter(hosts2, hosts2.exporter.kill)
+
+
+def test_link_cut_for_good_finds_the_idle_link_dead_too(hosts2: Hosts2) -> None:
+    """B's end of the link goes down mid-restore and stays down: nothing
+    tells either connection. The fill's connection notices the silence
+    (``stall_timeout``); the fault connection, idle, is checked at once and
+    found dead too, and given up a deadline after the cut. The target touches
+    nothing until both are given up, so each of its touches must fail at once.
+
+    Without the check, the fault connection was only found dead by the
+    first read sent on it (here the failure policy's re-reads, once the
+    fill's reads failed): a stall timeout later, and given up a whole
+    deadline after that, at about cut + 3 + 1 + 3 s."""
+    deadline = 3.0
+    cut_wall = 0.0
+
+    def cut() -> None:
+        nonlocal cut_wall
+        cut_wall = time.time()
+        hosts2.hosts.link(up=False)
+
+    def both_unreachable() -> None:
+        assert hosts2.reader is not None
+        reader = hosts2.reader
+        _wait_for(lambda: {e.get("role") for e in _named(reader.events(), "peer_unreachable")} >= {"urgent", "bulk"},
+                  30, "both links to be given up")
+
+    try:
+        _lose_the_exporter(hosts2, cut, both_unreachable, deadline=deadline)
+    finally:
+        hosts2.hosts.link(up=True)
+    assert hosts2.reader is not None
+    given_up = [e for e in _named(hosts2.reader.events(), "peer_unreachable") if e.get("role") == "urgent"]
+    at = datetime.fromisoformat(str(given_up[0]["timestamp"])).timestamp() - cut_wall
+    # stall 1 s, ticks of stall/4, a loaded machine: 1.5 s of slack.
+    assert at <= deadline + 1.5, f"the idle link was given up {at:.2f} s after the cut"

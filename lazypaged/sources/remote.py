@@ -188,6 +188,10 @@ class _LinkProtocol(asyncio.BufferedProtocol):
         self.pinged = False
         #: Set by the stall watchdog: the link died when it fell silent, not when noticed.
         self.silent_since: float | None = None
+        #: A PING sent to check an idle connection (see _Link.check_alive), and since when
+        #: the connection is suspect (the other link of the peer fell silent then).
+        self.checking = False
+        self.suspect_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but quacks like one.
@@ -200,6 +204,8 @@ class _LinkProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.last_rx = asyncio.get_running_loop().time()
         self.pinged = False
+        self.checking = False
+        self.suspect_since = None
         if self.conn.buffer_updated(nbytes):
             self._process()
 
@@ -537,6 +543,8 @@ class _Link:
         if self.closed:
             return
         self.log.warning("peer_link_down", error=why, waiting=len(self.queue))
+        sibling = self.peer.bulk if self.role == "urgent" else self.peer.urgent
+        sibling.check_alive(proto.silent_since)
         # Reconnect at once even with nothing waiting: the deadline runs from
         # the loss, so a read that comes later must find the link back, or
         # fail at once, not wait a whole deadline of its own.
@@ -677,8 +685,30 @@ class _Link:
                 _fail(p, export.broken)
 
     # -- stall watchdog ---------------------------------------------------------------------
+    def check_alive(self, suspect_since: float | None) -> None:
+        """The peer's other link was lost: make sure this one still works.
+
+        An idle connection learns of nothing by itself (a cut link or a host
+        that vanished sends no reset), so the first read after the deadline
+        would wait a stall timeout and a whole deadline of its own. A PING
+        puts the watchdog on it; if the connection fell silent too, it is
+        taken as lost from ``suspect_since``, when its sibling fell silent."""
+        proto = self.proto
+        if proto is None or self.closed or self.sent or proto.checking:
+            return
+        proto.checking = True
+        proto.suspect_since = suspect_since
+        proto.last_rx = asyncio.get_running_loop().time()
+        proto.pinged = True
+        proto.conn.ping(0)
+        proto.flush()
+        self._arm()
+
+    def _expecting(self) -> bool:
+        return bool(self.sent) or (self.proto is not None and self.proto.checking)
+
     def _arm(self) -> None:
-        if self._tick is None and self.sent and self.proto is not None:
+        if self._tick is None and self._expecting() and self.proto is not None:
             period = self.peer.pool.cfg.stall_timeout / 4
             self._tick = asyncio.get_running_loop().call_later(period, self._check_stall)
 
@@ -690,7 +720,7 @@ class _Link:
     def _check_stall(self) -> None:
         self._tick = None
         proto = self.proto
-        if proto is None or not self.sent:
+        if proto is None or not self._expecting():
             return
         if self.paused:  # not reading on purpose; the clock restarts when released
             self._arm()
@@ -699,7 +729,8 @@ class _Link:
         stall = self.peer.pool.cfg.stall_timeout
         if idle >= stall:
             self.log.warning("peer_stalled", idle_s=round(idle, 3), outstanding=len(self.sent))
-            proto.silent_since = proto.last_rx
+            since = proto.suspect_since
+            proto.silent_since = proto.last_rx if since is None else min(since, proto.last_rx)
             proto.abort(f"nothing received for {idle:.1f} s with {len(self.sent)} reads outstanding")
             return
         if idle >= stall / 2 and not proto.pinged:
