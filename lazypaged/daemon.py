@@ -26,9 +26,11 @@ target):
   what changed and what needs a restart. A file that does not validate is
   refused (``reload_failed``) and the running configuration stays.
 * SIGPIPE: ignored silently, as Python does: a write to a closed socket
-  fails with EPIPE and the connection's own code handles that.
+  fails with EPIPE and the connection's own code handles that. SIGIO:
+  ignored silently until the source lease code takes it over (a writer
+  breaking a lease on a snapshot file).
 * every other signal whose default is to end or stop the process (SIGUSR1/2,
-  SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGIO, SIGPWR,
+  SIGALRM, SIGVTALRM, SIGPROF, SIGXCPU, SIGXFSZ, SIGSTKFLT, SIGPWR,
   SIGSYS, SIGTRAP, SIGABRT, SIGTSTP/TTIN/TTOU, the real-time signals): noted
   in the log (``signal_ignored``) and otherwise ignored. The daemon sets no
   timers and no limits of its own, so none of these is meant for it.
@@ -93,12 +95,16 @@ _FAULT_SIGNALS = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
 #: belongs to the event loop's child watcher).
 _HARMLESS_SIGNALS = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH}
 _UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+#: Ignored without a log line: SIGPIPE comes with every write to a closed
+#: socket; SIGIO is how the kernel breaks a source file's read lease, and the
+#: lease code (lazypaged/sources/lease.py) installs its own handler for it.
+_SILENT_SIGNALS = {signal.SIGPIPE, signal.SIGIO}
 
 
 def ignored_signals() -> list[int]:
     """Signals noted and ignored: all that would end or stop the daemon by
     default and mean neither stop nor reload to it."""
-    skip = {*STOP_SIGNALS, signal.SIGHUP, signal.SIGPIPE, *_FAULT_SIGNALS, *_HARMLESS_SIGNALS, *_UNCATCHABLE}
+    skip = {*STOP_SIGNALS, signal.SIGHUP, *_SILENT_SIGNALS, *_FAULT_SIGNALS, *_HARMLESS_SIGNALS, *_UNCATCHABLE}
     return sorted(int(s) for s in signal.valid_signals() if s not in skip)
 
 
@@ -112,7 +118,7 @@ def signal_name(sig: int) -> str:
 def ignore_signals() -> None:
     """Before and after the event loop handles them: ignore every signal
     that would otherwise end the daemon on its way up or down."""
-    for sig in (*ignored_signals(), signal.SIGHUP, signal.SIGPIPE):
+    for sig in (*ignored_signals(), signal.SIGHUP, *_SILENT_SIGNALS):
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_IGN)
 
@@ -341,10 +347,16 @@ class Daemon:
                 reason="closing their uffd would zero-fill the targets; send the signal again to kill them",
             )
             await self._wait_change(5.0)
+        dying: list[int] = []
         for s in self.sessions:
             if s.pid:
                 self.log.error("killing_target", session=s.id, pid=s.pid, reason="forced exit before restore completed")
-                _kill(s.pid)
+                if (pidfd := _kill(s.pid)) >= 0:
+                    dying.append(pidfd)
+        # SIGKILL lands asynchronously: a thread still running could touch a
+        # missing page after its uffd is closed. Close once they are gone.
+        await _exited(dying)
+        for s in list(self.sessions):
             s.abandon()
         for listener in started:
             await listener.close_connections()
@@ -359,12 +371,43 @@ class Daemon:
                 w.cancel()
 
 
-def _kill(pid: int) -> None:
-    with contextlib.suppress(OSError):
+def _kill(pid: int) -> int:
+    """SIGKILL ``pid``; its pidfd (to wait on, the caller closes it) or -1."""
+    try:
         fd = os.pidfd_open(pid)
-        try:
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-        finally:
+    except OSError:
+        return -1
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+#: Longest wait for killed targets to be gone before their uffds are closed anyway.
+KILL_WAIT_S = 5.0
+
+
+def _set(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _exited(pidfds: list[int]) -> None:
+    """Until every process behind ``pidfds`` has exited (at most KILL_WAIT_S); closes them."""
+    loop = asyncio.get_running_loop()
+    waits: list[asyncio.Future[None]] = []
+    for fd in pidfds:
+        fut: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _set, fut)
+        waits.append(fut)
+    try:
+        if waits:
+            await asyncio.wait(waits, timeout=KILL_WAIT_S)
+    finally:
+        for fd in pidfds:
+            loop.remove_reader(fd)
             os.close(fd)
 
 
