@@ -304,3 +304,29 @@ def test_link_down_at_handoff_time_for_good_fails_after_the_deadline(two: TwoHos
         _ok(two.target(4 * MiB, "--touch", "seq", daemon=b))
     finally:
         b.stop()
+
+
+def test_wait_policy_resumes_when_the_exporter_is_back_after_the_deadline(two: TwoHosts) -> None:
+    """``wait`` (the default): the exporter is gone past the deadline, the
+    reads fail and keep failing at once while it is away, the target waits;
+    once the exporter is back the link finds it and the restore completes
+    with every byte right."""
+    b = two.daemon_b("patient", "b", deadline=2.0)
+    two.hosts.shape("120mbit")
+    t = two.target(64 * MiB, "--touch", "seq", daemon=b)
+    try:
+        _accepted(t)
+        two.a.kill()
+        _wait_for(lambda: any(e.get("event") == "source_failed" for e in b.events()), 30, "the reads to fail")
+        assert any(e.get("event") == "peer_unreachable" for e in b.events())
+        assert t.poll() is None, "the target must wait for its pages"
+        two.a.start()
+        rc, lines, err = finish(t, 90)
+    finally:
+        kill(t)
+        b.stop()
+    assert rc == 0, (lines, err[-2000:])
+    assert lines[-1]["ok"] is True, lines
+    assert lines[-1].get("complete"), lines
+    failed = [e for e in b.events() if e.get("event") == "source_failed"]
+    assert {e["policy"] for e in failed} == {"wait"}, failed
