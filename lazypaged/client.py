@@ -45,11 +45,11 @@ DEFAULT_SOCKET = "/run/lazypaged/handoff.sock"
 #: Pause between attempts to reach a restarting daemon: first, then doubling up to the max.
 RECONNECT_DELAY_FIRST, RECONNECT_DELAY_MAX = 0.02, 0.5
 #: Refusals that mean "try again later", not "this restore is wrong".
+_TRANSIENT = frozenset({"busy", "disconnected", "timeout", "internal_error"})
 #: The helper's report: re-handoff count ahead of the final frame.
 _COUNT = struct.Struct(">I")
 #: struct timeval, for SO_SNDTIMEO.
 _TIMEVAL = struct.Struct("@ll")
-_TRANSIENT = frozenset({"busy", "disconnected", "timeout", "internal_error"})
 
 
 class HandoffError(Exception):
