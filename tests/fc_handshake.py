@@ -56,11 +56,12 @@ def main() -> int:
         s.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", uffd))])
         if args.drop:
             os.close(uffd)
+        # Said before the end of stream: a refusal may kill us right after it.
+        print(json.dumps({"sent": True, "pid": os.getpid()}), flush=True)
         s.shutdown(socket.SHUT_WR)
     except OSError as e:
         print(json.dumps({"sent": False, "error": str(e)}), flush=True)
         return 2
-    print(json.dumps({"sent": True, "pid": os.getpid()}), flush=True)
     sys.stdin.readline()
     if args.touch:
         with open(args.mem_file, "rb") as f:
