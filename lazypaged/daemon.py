@@ -131,6 +131,7 @@ RELOAD_USERS: dict[str, tuple[str, ...]] = {
     "log_level": ("daemon",),
     "shutdown_grace": ("daemon",),
     "snapshot_dirs": ("registry",),
+    "source_linger": ("registry",),
     "request_timeout": ("handoff", "firecracker"),
     "max_message_bytes": ("handoff", "firecracker"),
     "max_sessions": ("handoff", "firecracker"),
@@ -252,21 +253,30 @@ class Daemon:
         effective = new
         for k in restart:
             effective = _with(effective, k, old_flat[k])
-        self.cfg = effective
+        broken: set[str] = set()
         for role, x in parts:
             if isinstance(x, Reloadable):
                 try:
                     x.reload(effective)
                 except Exception as e:  # one part failing must not take the daemon down
-                    self.log.error("reload_failed", part=role, error=f"{type(e).__name__}: {e}", exc_info=e)
+                    broken.add(role)
+                    self.log.error("reload_failed", part=role, error=f"{type(e).__name__}: {e}",
+                                   kept="that part's running configuration")
+        # A part that refused keeps its old settings (they are all or nothing):
+        # what only it uses is reported as failed, not as changed.
+        failed = [k for k in applied if (u := [x for x in _users(k) if x in present]) and set(u) <= broken]
+        for k in failed:
+            applied.remove(k)
+            effective = _with(effective, k, old_flat[k])
+        self.cfg = effective
         if logsetup.enabled("info") or not _admits_info(effective.log_level):
             # Said under the level that lets it through: the old one unless
             # only the new one shows info lines.
-            self.log.info("reloaded", changed=applied, needs_restart=restart)
+            self.log.info("reloaded", changed=applied, needs_restart=restart, failed=failed)
             logsetup.set_level(effective.log_level)
         else:
             logsetup.set_level(effective.log_level)
-            self.log.info("reloaded", changed=applied, needs_restart=restart)
+            self.log.info("reloaded", changed=applied, needs_restart=restart, failed=failed)
 
     def _signal(self, sig: int) -> None:
         self.log.warning("signal_ignored", signal=signal_name(sig),

@@ -12,6 +12,7 @@ import pytest
 from lazypaged.cli import _parser, serve_config
 from lazypaged.config import Config
 from lazypaged.daemon import flatten
+from lazypaged.demo import make_image
 
 from .conftest import MiB, _needs_root, finish, start_daemon, stop_daemon
 from .test_signals import wait_log
@@ -101,3 +102,25 @@ def test_flatten_names_every_setting_by_its_dotted_key() -> None:
     flat = flatten(Config())
     assert {"log_level", "socket_mode", "session.fill", "access.allow_gids", "control.socket_mode"} <= set(flat)
     assert not [k for k, v in flat.items() if hasattr(v, "__dataclass_fields__")]
+
+
+def test_a_part_that_refuses_the_reload_is_reported_as_failed(tmp_path: Path) -> None:
+    """The exporter takes new exports all or nothing: one that cannot be
+    opened leaves its running exports, and the line says it failed."""
+    _needs_root()
+    (tmp_path / "snapshots").mkdir()
+    make_image(tmp_path / "snapshots" / "img", SIZE)  # exported from the start
+    d = start_daemon(tmp_path, extra_config='[export]\nlisten = "127.0.0.1:0"\nsnapshots = ["img"]\n')
+    try:
+        text = d.config.read_text()
+        d.config.write_text(text.replace('snapshots = ["img"]', 'snapshots = ["img", "absent"]')
+                            .replace('log_level = "debug"', 'log_level = "info"'))
+        mark = len(d.log_lines())
+        d.proc.send_signal(signal.SIGHUP)
+        line = wait_log(d, "reloaded", mark)
+        assert line["failed"] == ["export.snapshots"], line
+        assert line["changed"] == ["log_level"], line
+        part = wait_log(d, "reload_failed", mark)
+        assert part["part"] == "export"
+    finally:
+        assert stop_daemon(d) == 0
