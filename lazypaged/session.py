@@ -830,6 +830,8 @@ class RestoreSession:
         except SourceError as e:
             if self.outcome is None:
                 self._source_failed(r, i, j, e, INFLIGHT)
+                # Poisoned pages are settled: they may have been the last.
+                self._check_complete()
             return
         if self.outcome is not None:
             return

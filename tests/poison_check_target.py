@@ -46,7 +46,8 @@ def main() -> int:
     ap.add_argument("--image", required=True)
     ap.add_argument("--name", required=True)
     ap.add_argument("--size", type=int, required=True)
-    ap.add_argument("--order", choices=["seq", "random"], default="seq")
+    ap.add_argument("--order", choices=["seq", "random", "bad-last"], default="seq",
+                    help="bad-last: in order, but the --skip pages read last instead of never")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", choices=["wait", "sigbus", "kill"], help="per-restore failure_policy")
     ap.add_argument("--timeout", type=float, default=120.0, help="for the completion message")
@@ -73,6 +74,8 @@ def main() -> int:
     if args.skip:
         first, count = (int(x) for x in args.skip.split(":"))
         order = [p for p in order if not first <= p < first + count]
+        if args.order == "bad-last":
+            order += range(first, first + count)
     if args.order == "random":
         random.Random(args.seed).shuffle(order)
     view = memoryview(mem)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from lazypaged.snapshot import SnapshotReader, create_from_raw
+from lazypaged.snapshot.format import Chunk
 
 from .conftest import HERE, DaemonHandle, MiB, start_daemon, stop_daemon
-from .snapshot_images import flip_bit
+from .snapshot_images import flip_bit, page_mix
 
 CHECK_TARGET = HERE / "poison_check_target.py"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -24,12 +25,18 @@ SIZE = 8 * MiB
 def _damaged(d: DaemonHandle, layout: str) -> tuple[Path, int, int]:
     """A snapshot of the demo image with one data chunk damaged; that
     chunk's first page and page count."""
-    image = d.image("img.raw", SIZE)
+    image = d.snapshots / "img.raw"
+    image.write_bytes(page_mix(SIZE, seed=3, zero=0.05))
     snap = d.snapshots / "img.lzs"
     create_from_raw(image, snap, raw=layout == "raw")
+    data = image.read_bytes()
+    zero = bytes(PAGE)
+
+    def whole(c: Chunk) -> bool:  # no zero page in it: each of its pages needs its bytes
+        return all(data[p : p + PAGE] != zero for p in range(c.offset, c.offset + c.length, PAGE))
+
     with SnapshotReader(snap) as rd:
-        bad = [i for i, c in enumerate(rd.index.chunks) if c.kind != 0][10]
-        c = rd.index.chunks[bad]
+        c = [c for c in rd.index.chunks if c.kind != 0 and whole(c)][10]
     flip_bit(snap, c.frame_offset + c.frame_size // 2)
     return image, c.offset // PAGE, c.length // PAGE
 
@@ -82,4 +89,24 @@ def test_wait_serves_good_pages_next_to_a_damaged_chunk(tmp_path: Path, layout: 
         if proc is not None:
             proc.kill()
             proc.communicate()
+        assert stop_daemon(d) == 0
+
+
+@pytest.mark.parametrize("layout", ["raw", "zstd"])
+def test_sigbus_fill_off_completes_when_the_last_page_is_poisoned(tmp_path: Path, layout: str) -> None:
+    """Fill and fault-around off, the damaged chunk's pages read last: the
+    last page to settle is a poisoned one, and ``complete`` follows it
+    without waiting for the target to exit."""
+    d = start_daemon(tmp_path)
+    try:
+        image, first, count = _damaged(d, layout)
+        proc = _target(d, image, "--policy", "sigbus", "--no-fill", "--no-fault-around", "--timeout", "20",
+                       "--order", "bad-last", "--skip", f"{first}:{count}")
+        out, err = proc.communicate(timeout=60)
+        assert out.strip(), err
+        res = json.loads(out.splitlines()[-1])
+        assert res["wrong_pages"] == 0, res
+        assert res["poisoned_pages"] > 0, res
+        assert res["complete"], res
+    finally:
         assert stop_daemon(d) == 0

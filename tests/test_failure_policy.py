@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TARGET, DaemonHandle, MiB, start_daemon, stop_daemon
+from .conftest import HERE, TARGET, DaemonHandle, MiB, start_daemon, stop_daemon
+
+CHECK_TARGET = HERE / "poison_check_target.py"
 
 SIZE = 8 * MiB
 
@@ -77,6 +79,36 @@ def test_wait_policy_blocks_then_recovers(tmp_path: Path) -> None:
         events = [x.get("event") for x in d.log_lines()]
         assert "source_failed" in events
         assert "source_recovered" in events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert stop_daemon(d) == 0
+
+
+def test_sigbus_with_fill_off_completes_once_every_page_is_settled(tmp_path: Path) -> None:
+    """Poisoned pages count as settled: the restorer is told ``complete``
+    once every page is installed or poisoned, not only when it exits."""
+    d = start_daemon(tmp_path)
+    image = d.image("img", SIZE)
+    ref = tmp_path / "img.ref"
+    ref.write_bytes(image.read_bytes())
+    proc = subprocess.Popen(
+        [sys.executable, str(CHECK_TARGET), "--socket", str(d.socket), "--image", str(ref), "--name", "img",
+         "--size", str(SIZE), "--policy", "sigbus", "--no-fill", "--go", "--timeout", "30"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout.readline().startswith("{")
+        _truncate(image)
+        out, err = proc.communicate("go\n", timeout=60)
+        result = json.loads(out.splitlines()[-1])
+        assert result["wrong_pages"] == 0, result
+        assert result["poisoned_pages"] == SIZE // 2 // 4096, result
+        assert result["complete"], (result, err)
+        assert result["complete"]["pages"] == SIZE // 4096, result
     finally:
         if proc.poll() is None:
             proc.kill()
