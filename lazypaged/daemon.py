@@ -64,6 +64,7 @@ from .handoff_server import HandoffServer
 from .notify import notify
 from .operations import control_socket_path
 from .operations import listeners as operator_listeners
+from .session import RestoreSession
 from .sessions import SessionTable
 from .sources.registry import SourceRegistry
 
@@ -201,6 +202,13 @@ class Daemon:
             self.listeners.append(ExportServer(cfg.export, self.registry, cfg.access.peer_identities))
         #: Monitor (STATUS=, watchdog), control socket, metrics, timelines.
         self.listeners += operator_listeners(self)
+        #: Target pid of every session that has one, kept while the session or
+        #: any of its forked children's sessions ("ID.1", "ID.1.2"…) lives: a
+        #: child's session has no pid (the fork event does not name it), and a
+        #: forced exit finds the child among this process's descendants.
+        self._roots: dict[str, int] = {}
+        self.sessions.on_added.append(self._note_root)
+        self.sessions.on_removed.append(self._forget_root)
         if cfg.access.socket_group:  # after the control listener has made its socket
             self.listeners.append(SocketOwner(control_socket_path(cfg), cfg.access.socket_group))
         self.log = structlog.get_logger()
@@ -209,6 +217,26 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.ready = asyncio.Event()
+
+    def _note_root(self, s: RestoreSession) -> None:
+        if s.pid:
+            self._roots[s.id] = s.pid
+
+    def _forget_root(self, s: RestoreSession) -> None:
+        root = s.id.split(".")[0]
+        if root in self._roots and not any(
+            x is not s and (x.id == root or x.id.startswith(root + ".")) for x in self.sessions
+        ):
+            del self._roots[root]
+
+    def _forked_child_pids(self, s: RestoreSession) -> list[int]:
+        """Processes that may be the target of ``s``, a forked child's session:
+        descendants of the root session's target whose memory at the
+        session's first address is registered with a userfaultfd."""
+        root = self._roots.get(s.id.split(".")[0])
+        if root is None or not s.mappings:
+            return []
+        return [p for p in _descendants(root) if _uffd_registered_at(p, s.mappings[0].start)]
 
     def _parts(self) -> Iterator[tuple[str, object]]:
         """Every part a reload may reach, by the role RELOAD_USERS names."""
@@ -359,9 +387,13 @@ class Daemon:
             await self._wait_change(5.0)
         dying: list[int] = []
         for s in self.sessions:
-            if s.pid:
-                self.log.error("killing_target", session=s.id, pid=s.pid, reason="forced exit before restore completed")
-                if (pidfd := _kill(s.pid)) >= 0:
+            pids = [s.pid] if s.pid else self._forked_child_pids(s)
+            if not pids and not s.keeps_uffd:
+                self.log.error("cannot_kill_target", session=s.id,
+                               reason="a forked child whose process is not found; its uffd closes with the daemon")
+            for pid in pids:
+                self.log.error("killing_target", session=s.id, pid=pid, reason="forced exit before restore completed")
+                if (pidfd := _kill(pid)) >= 0:
                     dying.append(pidfd)
         # SIGKILL lands asynchronously: a thread still running could touch a
         # missing page after its uffd is closed. Close once they are gone.
@@ -379,6 +411,50 @@ class Daemon:
         finally:
             for w in waits:
                 w.cancel()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of any of its threads, and theirs)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            for k in kids:
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def _uffd_registered_at(pid: int, addr: int) -> bool:
+    """Whether ``pid``'s mapping at ``addr`` is registered with a uffd
+    (``um`` in its smaps VmFlags: missing-page tracking)."""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and ":" not in head:
+                    lo, _, hi = head.partition("-")
+                    try:
+                        inside = int(lo, 16) <= addr < int(hi, 16)
+                    except ValueError:
+                        inside = False
+                elif inside and line.startswith("VmFlags:"):
+                    return "um" in line.split()[1:]
+    except OSError:
+        return False
+    return False
 
 
 def _kill(pid: int) -> int:

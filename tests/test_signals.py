@@ -8,7 +8,9 @@ right, and the daemon either keeps serving or stops in order.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -151,3 +153,74 @@ def test_a_second_signal_kills_targets_only_the_daemon_could_serve(tmp_path: Pat
         stop_daemon(d)
     events = [x.get("event") for x in d.log_lines()]
     assert {"second_signal", "killing_target", "stopped"} <= set(events), events
+
+
+def _kill_helpers(target: int) -> None:
+    """The re-hand helpers of ``target`` (they name it with --target)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"lazypaged.rehand" in argv and str(target).encode() in argv:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(name), signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_forced_exit_kills_a_forked_child_it_alone_serves(tmp_path: Path) -> None:
+    """A forked child's uffd came with the fork event, so only the daemon
+    holds it, and the event does not name the child: on a forced exit the
+    child is found among the target's descendants and killed, not left to
+    read zeros."""
+    _needs_root()
+    d = start_daemon(tmp_path, session_config="fill = false")
+    d.image("img", SIZE)
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "reliability_fork_target.py"), "--socket", str(d.socket), "--image",
+         str(d.snapshots / "img"), "--name", "img", "--size", str(SIZE), "--pause", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "accepted" in json.loads(proc.stdout.readline())
+        child = int(json.loads(proc.stdout.readline())["child"])
+        wait_log(d, "target_forked")
+        d.proc.send_signal(signal.SIGTERM)
+        wait_log(d, "stopping")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 60
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the child was not killed"
+            time.sleep(0.02)  # polling the child's state
+    finally:
+        # The parent and its re-hand helper: its own uffd copy keeps it
+        # blocked, and no daemon serves it any more.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # What the target printed is in the pipe by now (the child is gone);
+        # its re-hand helper, in a session of its own, still holds the pipe
+        # until its reconnect window ends: read without waiting for EOF.
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        out = proc.stdout.read() or ""
+        proc.stdout.close()
+        proc.stderr.close()
+        _kill_helpers(proc.pid)
+        stop_daemon(d)
+    results = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert not [r for r in results if "child_done" in r], results  # killed before it could read
+    killed = [x for x in d.log_lines() if x.get("event") == "killing_target"]
+    assert child in [x["pid"] for x in killed], killed
