@@ -13,7 +13,9 @@ Shutdown order (SIGTERM or SIGINT):
    the target's missing pages with zeros;
 4. a second signal forces exit: targets of sessions that are still not
    complete and whose uffd only the daemon holds are killed with SIGKILL
-   (through a pidfd) *before* the fd is closed. A killed target is a clear
+   (through a pidfd), and waited for, *before* the fd is closed. A forked
+   child (the fork event does not name it) is found among the target's
+   descendants by its uffd-registered memory. A killed target is a clear
    failure; silently wrong memory is not an option.
 
 Signals (every one that would end the process by default was decided on,

@@ -224,3 +224,15 @@ def test_a_forced_exit_kills_a_forked_child_it_alone_serves(tmp_path: Path) -> N
     assert not [r for r in results if "child_done" in r], results  # killed before it could read
     killed = [x for x in d.log_lines() if x.get("event") == "killing_target"]
     assert child in [x["pid"] for x in killed], killed
+
+
+def test_every_signal_has_a_decided_meaning() -> None:
+    """No catchable signal whose default ends the process is left undecided."""
+    from lazypaged import daemon
+
+    tested = {*IGNORED, *SILENT, *STOPPING, signal.SIGHUP}
+    faults = {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+    harmless = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP}
+    rt = set(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+    assert set(signal.valid_signals()) - rt == {*tested, *faults, *harmless} - rt
+    assert set(daemon.ignored_signals()) == ({*IGNORED} | rt) - {*STOPPING, *SILENT, signal.SIGHUP}
