@@ -16,10 +16,10 @@ goes on only once we let the lease go, or after ``fs.lease-break-time``
 (45 s by default) if we never do. The size read once the lease is taken
 therefore holds for every read made under it.
 
-On SIGIO the lease is marked broken at once (no new read may use the
-mapping) and let go from the event loop — between two callbacks, so never
-in the middle of a check-then-copy of the session — or, if a thread is
-reading under a pin (:meth:`FileLease.pinned`), when the last pin ends. The
+On SIGIO the lease is marked broken and let go from the event loop —
+between two callbacks, so never in the middle of a check-then-copy of the
+session — or, if a thread is reading under a pin (:meth:`FileLease.pinned`),
+when the last pin ends; meanwhile no new read uses the mapping. The
 writer is delayed by that long: one turn of the loop, typically well under a
 millisecond. The next read takes a new lease (possible again once no writer
 has the file open) and reads the size afresh.
@@ -50,33 +50,48 @@ F_GETLEASE = getattr(fcntl, "F_GETLEASE", 1025)
 
 _leases: weakref.WeakSet[FileLease] = weakref.WeakSet()
 _handler_loop: asyncio.AbstractEventLoop | None = None
+_installed = False
 _lock = threading.Lock()
 
 
 def _on_sigio() -> None:
-    """SIGIO, heard on the loop: let go of every lease a writer waits on."""
+    """Let go of every lease a writer waits on."""
     for lease in list(_leases):
         lease.check_broken()
 
 
+def _sigio(signum: int, frame: object) -> None:
+    """SIGIO: a writer waits on one of our leases. Handled as a callback of
+    the loop, never in the middle of one; with no loop running any more,
+    nothing reads the mappings but pinned threads, so at once."""
+    loop = _handler_loop
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(_on_sigio)
+    else:
+        _on_sigio()
+
+
 def _ensure_handler() -> bool:
-    """SIGIO handled on the running loop of the main thread; False if none.
+    """Whether SIGIO is handled and a loop runs on the main thread.
 
     The default action of SIGIO ends the process, so no lease is taken
-    without the handler in place."""
-    global _handler_loop
+    without the handler. A plain ``signal.signal`` handler rather than the
+    loop's own: it outlives the loop (asyncio puts back SIG_DFL when a loop
+    closes), and a signal interrupts the loop's wait either way."""
+    global _handler_loop, _installed
     if threading.current_thread() is not threading.main_thread():
-        return _handler_loop is not None and not _handler_loop.is_closed()
+        return _installed and _handler_loop is not None and _handler_loop.is_running()
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return False
-    if _handler_loop is not loop:
+    if not _installed:
         try:
-            loop.add_signal_handler(signal.SIGIO, _on_sigio)
-        except (NotImplementedError, RuntimeError, ValueError):
+            signal.signal(signal.SIGIO, _sigio)
+        except (OSError, ValueError):
             return False
-        _handler_loop = loop
+        _installed = True
+    _handler_loop = loop
     return True
 
 
