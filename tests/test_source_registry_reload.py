@@ -62,3 +62,16 @@ def test_reload_closes_idle_sources_outside_the_new_directories(tmp_path: Path) 
             reg.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["one.img/", "one.img/.", ".", "./"])
+def test_directory_spellings_of_a_name_are_unknown(tmp_path: Path, name: str) -> None:
+    """Every listener resolves names here, so each refuses "img/" alike."""
+    a, _, _, _ = _dirs(tmp_path)
+    reg = SourceRegistry((a,), linger=0)
+    try:
+        with pytest.raises(UnknownSource):
+            reg.acquire(name)
+        assert reg.acquire("one.img") in reg.open_sources
+    finally:
+        reg.close()

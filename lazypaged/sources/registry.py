@@ -95,6 +95,10 @@ class SourceRegistry:
             raise ForbiddenSource(f"invalid snapshot name {name!r}")
         if os.path.isabs(name) or ".." in Path(name).parts:
             raise ForbiddenSource(f"snapshot name {name!r} must be relative to a snapshot directory, without '..'")
+        # A file name, never a directory spelling: "img/" or "img/." would
+        # otherwise resolve to "img" and serve it under another name.
+        if name.endswith(("/", "/.")) or name == ".":
+            raise UnknownSource(f"snapshot name {name!r} names a directory, not a snapshot file")
         for d in self._dirs:
             real = Path(os.path.realpath(d / name))
             if not real.is_relative_to(d):
