@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from pathlib import Path
 
 from lazypaged import workingset
+from lazypaged.sources.raw import RawImageSource
 
 from .conftest import DaemonHandle, MiB, finish, start_daemon, stop_daemon
 
@@ -106,3 +109,35 @@ def test_fill_off_installs_only_faulted_pages(tmp_path: Path) -> None:
     finally:
         assert stop_daemon(d) == 0
 
+
+
+def test_record_cut_short_in_use_is_refused_not_sigbus(tmp_path: Path) -> None:
+    """A record truncated while a session has it mapped: its lost chunks
+    fail verification (served from the image instead); the daemon never
+    reads the mapping past the file's end."""
+    image = tmp_path / "img"
+    image.write_bytes(os.urandom(16 * 65536))
+    granule = 65536
+
+    async def main() -> None:
+        src = RawImageSource(image)
+        try:
+            rec = workingset.Recorder(src, granule, 64)
+            for idx in range(16):
+                rec.note(idx * granule, idx * granule + 1)
+            path = Path(str(image) + workingset.SUFFIX)
+            size = workingset.save(rec, path, 1.0)
+            ws, why = workingset.load(src)
+            assert ws is not None, why
+            try:
+                assert all(ws.verify(c, granule) for c in ws.chunks)
+                # From a thread: the truncate waits for the loop to let the record's lease go.
+                await asyncio.to_thread(os.truncate, path, size // 2)
+                assert not ws.verify(ws.chunks[-1], granule)  # past the new end
+                assert not any(ws.verify(c, granule) for c in ws.chunks)
+            finally:
+                ws.close()
+        finally:
+            src.close()
+
+    asyncio.run(main())
