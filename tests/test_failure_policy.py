@@ -67,7 +67,10 @@ def test_wait_policy_blocks_then_recovers(tmp_path: Path) -> None:
         assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not any(x.get("event") == "source_failed" for x in d.log_lines()):
+            assert time.monotonic() < deadline, "no source_failed logged"
+            time.sleep(0.02)  # polling the log for the event
         assert proc.poll() is None, "the target should wait for its missing pages"
         # The file comes back (same bytes): the retry installs them.
         with open(image, "ab") as f:
