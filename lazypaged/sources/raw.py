@@ -121,6 +121,7 @@ class RawImageSource(PageSource):
         self._hole_ends: list[int] = []
         self._lease.valid()
         self._load_holes()
+        self._holes_gen = self._lease.generation
 
     @property
     def base_address(self) -> int:
