@@ -6,6 +6,11 @@
 serves one ``criu restore --lazy-pages`` and exits: 0 once every page of
 every task is in (or the task exited), 1 when the restore or a session
 failed, 2 on bad usage. Options not listed here are refused, not ignored.
+
+Signals follow ``lazypaged serve`` (lazypaged/daemon.py): SIGTERM, SIGINT
+and SIGQUIT stop it (unfinished targets are killed, never left to read
+zeros); SIGHUP and every other signal that would end it by default are
+logged (``signal_ignored``) and ignored, as there is nothing to reload.
 """
 
 from __future__ import annotations
@@ -113,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.page_server:
         c = cfg.criu
         ps = PageServer(args.address, args.port, args.page_server_header, c.page_server_window)
-    from ..daemon import new_event_loop
+    from ..daemon import ignore_signals, new_event_loop
 
+    ignore_signals()  # until the loop handles them: nothing may end it between here and there
     loop = new_event_loop()
     try:
         snap = args.snapshot.resolve() if args.snapshot else None
@@ -134,6 +140,27 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def _handle_signals(loop: asyncio.AbstractEventLoop, stop: Any, log: Any) -> list[int]:
+    """The signal rules of ``lazypaged serve``: this process holds uffds of a
+    half-restored task, so no signal may end it without the ordered stop.
+    There is no configuration to reload: SIGHUP is noted and ignored."""
+    from ..daemon import STOP_SIGNALS, ignored_signals, signal_name
+
+    def ignored(sig: int) -> None:
+        reason = (
+            "criu-lazy-pages has no configuration to reload" if sig == signal.SIGHUP
+            else "only SIGTERM, SIGINT and SIGQUIT (stop) mean something here"
+        )
+        log.warning("signal_ignored", signal=signal_name(sig), reason=reason)
+
+    for stop_sig in STOP_SIGNALS:
+        loop.add_signal_handler(stop_sig, stop)
+    others = [int(signal.SIGHUP), *ignored_signals()]
+    for sig in others:
+        loop.add_signal_handler(sig, ignored, sig)
+    return [*STOP_SIGNALS, *others]
 
 
 async def _main(
@@ -157,8 +184,7 @@ async def _main(
         images, work, replace(session_cfg), table, page_server=ps, snapshot=snapshot, once=True, log=log,
         on_run_done=finished,
     )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
+    handled = _handle_signals(loop, stop, log)
     try:
         await server.start()
         if status_fd is not None:
@@ -169,9 +195,14 @@ async def _main(
                 log.warning("status_fd_failed", fd=status_fd, error=str(e))
         ok = await done
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        server.stop_accepting()
-        await server.close_connections()
+        try:
+            server.stop_accepting()
+            await server.close_connections()
+        finally:
+            from ..daemon import ignore_signals
+
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            ignore_signals()  # removing a handler restores the default: not for these
         log.debug("criu_lazy_pages_closed")
     return EXIT_OK if ok else EXIT_FAIL
