@@ -627,9 +627,7 @@ class RestoreSession:
             if r.source.synchronous:
                 self._narrow_now(r, i, j, exc, state)
                 return
-            if state == INFLIGHT and (policy == "sigbus" or not self._urgent_lane.get(id(r))):
-                # A peer under wait is not narrowed: a lost link fails every
-                # piece alike, and the retry reads the range again anyway.
+            if state == INFLIGHT:
                 self._spawn(self._narrow(r, i, j, exc))
                 return
         self._apply_policy(r, i, j, exc, state)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -48,6 +49,15 @@ def _target(d: DaemonHandle, image: Path, *extra: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
+def _read_lines(stdout: IO[str], n: int, out: list[dict[str, object]]) -> None:
+    """Up to ``n`` JSON lines into ``out`` (in a thread: the caller bounds the wait)."""
+    for _ in range(n):
+        line = stdout.readline()
+        if not line:
+            return
+        out.append(json.loads(line))
+
+
 
 @pytest.mark.parametrize("layout", ["raw", "zstd"])
 def test_sigbus_poisons_only_the_damaged_chunk(tmp_path: Path, layout: str) -> None:
@@ -79,7 +89,7 @@ def test_wait_serves_good_pages_next_to_a_damaged_chunk(tmp_path: Path, layout: 
         assert proc.stdout is not None
         stdout = proc.stdout
         lines: list[dict[str, object]] = []
-        reader = threading.Thread(target=lambda: lines.extend(json.loads(stdout.readline()) for _ in range(2)))
+        reader = threading.Thread(target=_read_lines, args=(stdout, 2, lines))
         reader.start()
         reader.join(timeout=60)  # accepted, then read_s: every page read (or a good page left blocked)
         assert len(lines) == 2, ("a good page stayed blocked", lines)
