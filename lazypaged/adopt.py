@@ -24,6 +24,11 @@ again) and served to the end. Without a uffd the description is dropped
 with an ``adoption_failed`` log line: the target then blocks on its missing
 pages for good (it never reads zeros while it holds its uffd).
 
+Sources are opened again as a handoff opens them: a ``peer://`` export whose
+link is down is retried up to ``[remote] reconnect_deadline``, then the
+adoption fails as above. Adoptions run side by side, and the daemon is
+ready (``READY=1``) once all of them are settled.
+
 Native sessions whose client keeps its uffd are not described here: their
 client re-hands them, and two daemons' worth of sessions on one uffd would
 serve it twice.
@@ -53,6 +58,7 @@ from .sessions import SessionTable
 from .sources import PageSource, SourceError
 from .sources.open import open_source
 from .sources.registry import SourceRegistry
+from .sources.remote import PeerPool
 
 _SYS_PIDFD_GETFD = 438
 _SYS_KCMP = 312
@@ -173,6 +179,11 @@ def state_path(cfg: Config) -> Path:
     return Path(cfg.state_dir) if cfg.state_dir else cfg.handoff_socket.parent / "state"
 
 
+def _forget(path: Path) -> None:
+    """A description is gone once adopted or given up (a small local unlink)."""
+    path.unlink(missing_ok=True)
+
+
 def _fdname(sid: str) -> str:
     return f"uffd-{sid}"
 
@@ -201,11 +212,23 @@ class Custody:
         self.sessions.on_added.append(self._added)
         self.sessions.on_removed.append(self._removed)
         inherited = {name: fds for name, fds in fdstore.inherited().items() if name.startswith("uffd-")}
+        remote: list[tuple[Path, Description, list[int], str]] = []
         for path in sorted(self.dir.glob("*.json")):
             name = _fdname(path.stem)
             fds = inherited.pop(name, [])
-            if self._adopt(path, fds) and fds:
+            desc = self._read(path, fds)
+            if desc is None:
+                continue
+            if any(PeerPool.handles(r.source) for r in desc.ranges):
+                remote.append((path, desc, fds, name))
+            elif await self._adopt(path, desc, fds) and fds:
                 fdstore.remove(name)  # parked again under the new session's name
+        # Side by side: a peer:// source whose link is down makes its
+        # adoption wait up to reconnect_deadline, and no other may wait on it.
+        results = await asyncio.gather(*(self._adopt(path, desc, fds) for path, desc, fds, _ in remote))
+        for (_path, _desc, fds, name), adopted in zip(remote, results, strict=True):
+            if adopted and fds:
+                fdstore.remove(name)
         for name, fds in inherited.items():
             self.log.error("orphan_uffd", fdname=name, reason="no session description in the state directory")
             self.orphans += fds
@@ -242,16 +265,17 @@ class Custody:
             fdstore.remove(_fdname(s.id))
 
     # -- adopting ---------------------------------------------------------------------
-    def _adopt(self, path: Path, fds: list[int]) -> bool:
-        log = self.log.bind(session=path.stem)
+    def _read(self, path: Path, fds: list[int]) -> Description | None:
         try:
-            desc = Description.from_json(path.read_text())
+            return Description.from_json(path.read_text())
         except (OSError, ValueError, TypeError, KeyError) as e:
-            log.error("adoption_failed", reason=f"unreadable description: {e}")
+            self.log.error("adoption_failed", session=path.stem, reason=f"unreadable description: {e}")
             self.orphans += fds
             path.unlink(missing_ok=True)
-            return False
-        log = log.bind(kind=desc.kind, pid=desc.pid)
+            return None
+
+    async def _adopt(self, path: Path, desc: Description, fds: list[int]) -> bool:
+        log = self.log.bind(session=path.stem, kind=desc.kind, pid=desc.pid)
         for extra in fds[1:]:
             self.orphans.append(extra)
         fd = fds[0] if fds else -1
@@ -267,19 +291,19 @@ class Custody:
                 if desc.target_fd < 0:
                     raise OSError(errno.EBADF, "the target holds no copy of its uffd and none was stored")
                 fd = pidfd_getfd(pidfd, desc.target_fd)
-            self._resume(desc, fd, pidfd if pidfd >= 0 else None, from_store=bool(fds), log=log)
+            await self._resume(desc, fd, pidfd if pidfd >= 0 else None, from_store=bool(fds), log=log)
         except (OSError, ValueError, IndexError, Refused, SourceError) as e:
             log.error("adoption_failed", reason=str(e))
             if pidfd >= 0:
                 os.close(pidfd)
             if fd >= 0:
                 self.orphans.append(fd)  # never close a uffd we cannot serve
-            path.unlink(missing_ok=True)
+            _forget(path)
             return False
-        path.unlink(missing_ok=True)  # the new session wrote its own
+        _forget(path)  # the new session wrote its own
         return True
 
-    def _resume(self, desc: Description, fd: int, pidfd: int | None, *, from_store: bool, log: Any) -> None:
+    async def _resume(self, desc: Description, fd: int, pidfd: int | None, *, from_store: bool, log: Any) -> None:
         features, _ = inspect_uffd(fd, desc.features, log)
         if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[userfaultfd]":
             raise Refused("bad_fd", "the adopted descriptor is not a userfaultfd")
@@ -290,7 +314,9 @@ class Custody:
                 if desc.kind == "firecracker":
                     src = open_source(self.cfg.firecracker.mem_file, name=r.source)
                 else:
-                    src = self.registry.acquire(r.source)
+                    # A peer's first contact is retried up to reconnect_deadline,
+                    # as at handoff: a link down at adoption is ridden out too.
+                    src = await self.registry.acquire_async(r.source)
                 acquired.append(src)
                 mappings.append(Mapping(r.start, r.start + r.length,
                                         Region(src, r.offset, r.length // r.page_size, page=r.page_size), 0))
