@@ -239,3 +239,66 @@ def test_fd_store_carries_a_forked_childs_uffd(tmp_path: Path, monkeypatch: pyte
             proc.communicate()
         assert stop_daemon(d) == 0
         sm.close()
+
+
+def test_adoption_rides_out_a_peer_that_is_down_at_restart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session reads from peer://, and the exporter is down when the
+    crashed daemon's successor adopts it: the first contact is retried (not
+    given up after one probe, which left the target blocked for good) and
+    the restore completes, every byte right, once the exporter is back."""
+    _needs_root()
+    from .peer_pair import free_port
+
+    port = free_port()
+    exp_dir = tmp_path / "exporter"
+    (exp_dir / "snapshots").mkdir(parents=True)
+    image = exp_dir / "snapshots" / "img"
+    make_image(image, SIZE)
+    exporter = start_daemon(exp_dir, extra_config=f'[export]\nlisten = "127.0.0.1:{port}"\nsnapshots = ["img"]\n')
+    notify = tmp_path / "notify.sock"
+    sm = FakeServiceManager(notify)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify))
+    rd_dir = tmp_path / "reader"
+    rd_dir.mkdir()
+    reader = start_daemon(
+        rd_dir, extra_config="[remote]\nreconnect_deadline = 60.0\nbackoff_max = 0.25\nconnect_timeout = 2.0\n",
+        session_config="fill = false",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "reliability_target.py"), "--socket", str(reader.socket), "--image", str(image),
+         "--name", f"peer://127.0.0.1:{port}/img", "--size", str(SIZE), "--no-keep", "--seconds", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "accepted" in json.loads(proc.stdout.readline())
+        while not sm.store:
+            sm.pump(1.0)  # until the session's uffd is parked
+        reader.proc.send_signal(signal.SIGKILL)
+        reader.proc.wait()
+        assert stop_daemon(exporter) == 0
+        mark = len(reader.log_lines())
+        start_with_fds(reader, notify, sm.store)
+        deadline = time.monotonic() + 30
+        while True:
+            events = [x.get("event") for x in reader.log_lines()[mark:]]
+            assert "adoption_failed" not in events, reader.log.read_text()[-3000:]
+            if "peer_first_contact_retrying" in events:
+                break
+            assert reader.proc.poll() is None, reader.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no retry of the peer's first contact"
+            time.sleep(0.02)  # polling the log for the line
+        restart(exporter)
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, (out, err[-2000:])
+        assert json.loads(out.splitlines()[-1])["wrong_pages"] == 0
+        adopted = [x for x in reader.log_lines()[mark:] if x.get("event") == "session_adopted"]
+        assert adopted, "the session was not adopted"
+        assert adopted[0]["from_fdstore"] is True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        assert stop_daemon(reader) == 0
+        stop_daemon(exporter)
+        sm.close()
