@@ -346,10 +346,14 @@ class Daemon:
             notify("STOPPING=1")
             await self.shutdown()
         finally:
+            # Sources first, while every handler still stands: closing them
+            # lets go of their read leases, which after ignore_signals() nobody
+            # would release on SIGIO (a writer of a served file would wait out
+            # the kernel's lease-break time).
+            self.registry.close()
             for sig in handled:
                 loop.remove_signal_handler(sig)
             ignore_signals()  # removing a handler restores the default: not for these
-            self.registry.close()
         return 0
 
     async def _start_failed(self, e: Exception) -> None:
