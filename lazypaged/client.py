@@ -50,6 +50,18 @@ _TRANSIENT = frozenset({"busy", "disconnected", "timeout", "internal_error"})
 _COUNT = struct.Struct(">I")
 #: struct timeval, for SO_SNDTIMEO.
 _TIMEVAL = struct.Struct("@ll")
+#: Seconds to wait for ``accepted`` (or ``error``) once the request is sent.
+#: Longer than the daemon's default [remote] reconnect_deadline (60 s): a
+#: peer:// source whose link is down at handoff is waited for that long
+#: before the daemon answers, and the restorer must not give up first.
+ACCEPT_TIMEOUT = 90.0
+
+
+class _Unset:
+    """Marks ``accept_timeout`` left at its default (which depends on ``timeout``)."""
+
+
+_UNSET = _Unset()
 
 
 class HandoffError(Exception):
@@ -76,8 +88,10 @@ def address_of(buf: mmap.mmap) -> int:
 class Handoff:
     """One handoff connection (one restore)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, accept_timeout: float | None = ACCEPT_TIMEOUT) -> None:
         self.sock = sock
+        #: Bound on the wait for the daemon's answer to the request (None: none).
+        self.accept_timeout = accept_timeout
         self.session: str | None = None
         self._decoder = hp.FrameDecoder()
         self._queue: list[hp.Message] = []  # decoded, not yet returned
@@ -91,14 +105,28 @@ class Handoff:
         self.rehandoffs = 0
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str] = DEFAULT_SOCKET, timeout: float | None = 30.0) -> Handoff:
+    def connect(
+        cls,
+        path: str | os.PathLike[str] = DEFAULT_SOCKET,
+        timeout: float | None = 30.0,
+        accept_timeout: float | _Unset | None = _UNSET,
+    ) -> Handoff:
+        """Connect to the daemon.
+
+        ``timeout`` bounds connecting and sending the request;
+        ``accept_timeout`` the wait for the answer, which the daemon may
+        delay up to its ``reconnect_deadline`` for a peer:// source (default
+        :data:`ACCEPT_TIMEOUT`, or no bound when ``timeout`` is None).
+        """
+        if isinstance(accept_timeout, _Unset):
+            accept_timeout = None if timeout is None else max(timeout, ACCEPT_TIMEOUT)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             connect_unix(s, path, timeout)
         except BaseException:
             s.close()
             raise
-        return cls(s)
+        return cls(s, accept_timeout)
 
     def send(
         self,
@@ -145,7 +173,14 @@ class Handoff:
             if refusal is not None:
                 raise HandoffError(refusal.code, refusal.message) from None
             raise HandoffError("disconnected", f"sending the request failed: {e.strerror or e}") from None
-        reply = self._recv()
+        sending = self.sock.gettimeout()
+        self.sock.settimeout(self.accept_timeout)
+        try:
+            reply = self._recv()
+        except TimeoutError:
+            raise TimeoutError(f"no answer to the restore request within {self.accept_timeout} s") from None
+        finally:
+            self.sock.settimeout(sending)
         if isinstance(reply, hp.Error):
             raise HandoffError(reply.code, reply.message)
         if not isinstance(reply, hp.Accepted):
@@ -306,6 +341,7 @@ def restore(
     options: hp.SessionOptions | None = None,
     keep_uffd: bool = True,
     reconnect: float = 0.0,
+    accept_timeout: float | None = ACCEPT_TIMEOUT,
 ) -> Handoff:
     """Create a uffd for this process, hand ``ranges`` over, return the open handoff.
 
@@ -315,6 +351,9 @@ def restore(
     With ``reconnect`` > 0 (and ``keep_uffd``) a daemon that is not there
     yet is waited for up to that long, and a daemon lost mid-restore is
     replaced by the next one (see :meth:`Handoff.watch`).
+
+    ``accept_timeout`` bounds each wait for the daemon's answer to the
+    request (see :meth:`Handoff.connect`).
     """
     if reconnect > 0 and not keep_uffd:
         raise ValueError("reconnect needs keep_uffd: only a kept uffd can be handed over again")
@@ -322,7 +361,7 @@ def restore(
     try:
         uffd.api(features)
         if reconnect <= 0:
-            h = Handoff.connect(socket_path)
+            h = Handoff.connect(socket_path, accept_timeout=accept_timeout)
     except BaseException:
         uffd.close()
         raise
@@ -331,7 +370,7 @@ def restore(
         req = hp.RestoreRequest(
             ranges=specs, features=uffd.features, keeps_uffd=True, options=options or hp.SessionOptions()
         )
-        h = Handoff(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC))
+        h = Handoff(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC), accept_timeout)
         try:
             # Registering again with the same uffd is allowed: a daemon that
             # died after registering but before answering leaves no trap.

@@ -211,8 +211,14 @@ class RemoteConfig:
     #: Reads outstanding and nothing received for this long: the link is
     #: taken for dead, dropped and re-established.
     stall_timeout: float = 5.0
-    #: Longest wait for a lost peer to come back before the reads waiting on
-    #: it fail (their sessions fail; targets stay blocked, never get zeros).
+    #: Seconds a lost link may stay down, counted from its loss (a stall:
+    #: from the last byte received), never from a read. Past it the reads
+    #: waiting on the link fail, and so does every later read at once until
+    #: the peer answers again (it is still retried, backoff_max apart). What
+    #: a failed read means is the session's failure_policy: wait retries the
+    #: pages, sigbus poisons them, kill kills the target; never zeros. A
+    #: handoff's (or an adoption's) first contact with an export is retried
+    #: up to this long too, so restorers must wait longer for their answer.
     reconnect_deadline: float = 60.0
     #: Reconnect backoff doubles from 50 ms up to this many seconds.
     backoff_max: float = 1.0
