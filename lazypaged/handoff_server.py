@@ -464,6 +464,11 @@ class HandoffServer:
                 vmas = _check_mapped(pid, ranges)
             if vmas is not None:
                 mappings = _split_at_vmas(mappings, vmas)
+            elif pid > 0:
+                # Without CAP_SYS_PTRACE (the shipped unit): what could be proved
+                # from the uffd alone was, the rest is documented in _read_target.
+                log.debug("address_space_unreadable", pid=pid,
+                          checks="registration by the uffd alone; no hole check, no split at mappings")
             sid = uuid.uuid4().hex[:12]
             session = RestoreSession(
                 sid,
@@ -639,10 +644,9 @@ def _check_page_sizes(pid: int, ranges: list[hp.RangeSpec]) -> None:
     declared = [r for r in ranges if r.page_size]
     if not declared or pid <= 0:
         return
-    try:
-        vmas = read_vmas(pid, flags=True)
-    except OSError as e:
-        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    vmas = _read_target(pid, flags=True)
+    if vmas is None:
+        return  # registration still refuses huge pages declared over memory that grants UFFDIO_ZEROPAGE
     for r in declared:
         v = page_mismatch(vmas, r.start, r.end, r.page_size)
         if v is not None:
@@ -652,6 +656,26 @@ def _check_page_sizes(pid: int, ranges: list[hp.RangeSpec]) -> None:
                 f"{v.start:#x}..{v.end:#x} with {v.page}-byte pages"
                 + (" (it is not hugetlb memory: leave page_size out)" if v.page == PAGE else ""),
             )
+
+
+def _read_target(pid: int, *, flags: bool = False) -> list[Vma] | None:
+    """``pid``'s mappings, or None when the daemon may not read them.
+
+    /proc/PID/maps and smaps need ptrace read access: a daemon without
+    CAP_SYS_PTRACE (the shipped unit) is refused them for a target of
+    another uid, or a root one holding capabilities it lacks. The callers
+    then check what the uffd alone can prove, and skip the rest: a range
+    with a hole is registered around it, a range across two mappings is
+    not cut (the session copies page by page where a copy fails ENOENT),
+    and a declared page size is checked only by what registration grants.
+    Any other failure (the process is gone) is a refusal.
+    """
+    try:
+        return read_vmas(pid, flags=flags)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return None
+        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
 
 
 def _split_at_vmas(mappings: list[Mapping], vmas: list[Vma]) -> list[Mapping]:
@@ -683,10 +707,9 @@ def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> list[Vma] | None:
     """
     if pid <= 0:
         return None  # the peer's pid is not visible here: nothing to read
-    try:
-        vmas = read_vmas(pid)
-    except OSError as e:
-        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    vmas = _read_target(pid)
+    if vmas is None:
+        return None
     for r in ranges:
         gap = first_gap(vmas, r.start, r.end)
         if gap is not None:
@@ -698,7 +721,7 @@ def _check_mapped(pid: int, ranges: list[hp.RangeSpec]) -> list[Vma] | None:
     return vmas
 
 
-def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSpec]) -> list[Vma]:
+def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSpec]) -> list[Vma] | None:
     """A request that says its ranges are registered: prove they are, on this uffd.
 
     The target's VmFlags show ``um`` wherever *some* uffd is registered in
@@ -708,14 +731,24 @@ def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSp
     byte of every range is registered, in missing mode, with the uffd we
     serve. Unmapped parts are allowed: a target re-handed after it unmapped
     part of a range has them, and nothing can be read there (memory mapped
-    there later is new memory, zeros by right).
+    there later is new memory, zeros by right). Returns None when the
+    target's mappings cannot be read (checked by the uffd alone, below).
     """
     if pid <= 0:
         raise Refused("not_registered", "cannot verify the registration: the target's pid is not visible here")
-    try:
-        vmas = read_vmas(pid, flags=True)
-    except OSError as e:
-        raise Refused("bad_pid", f"cannot read the address space of process {pid}: {e.strerror}") from None
+    vmas = _read_target(pid, flags=True)
+    if vmas is None:
+        # No VmFlags to read. Registering each range again with the attached
+        # uffd, in missing mode, still proves enough: the kernel answers
+        # EBUSY where another uffd holds any of it, and on success every
+        # mapped byte is this uffd's in missing mode, so every page not yet
+        # present faults to us. Memory that was not registered before is now
+        # (the claim made true, as a normal handoff would have; it is not
+        # undone on a later refusal, since what was already registered cannot
+        # be told apart). EINVAL means part of it is unmapped as a whole or
+        # cannot be served by a uffd at all: only the maps could tell which.
+        _register_all(uffd, ranges, [], refusal="not_registered", unverified_pid=pid)
+        return None
     mapped: list[hp.RangeSpec] = []
     for r in ranges:
         for v in vmas:
@@ -735,13 +768,30 @@ def _check_registered(uffd: _uffd.Userfaultfd, pid: int, ranges: list[hp.RangeSp
 
 
 def _register_all(
-    uffd: _uffd.Userfaultfd, ranges: list[hp.RangeSpec], done: list[hp.RangeSpec], refusal: str = "register_failed"
+    uffd: _uffd.Userfaultfd,
+    ranges: list[hp.RangeSpec],
+    done: list[hp.RangeSpec],
+    refusal: str = "register_failed",
+    unverified_pid: int = 0,
 ) -> None:
-    """Register every range; ``done`` lists those registered, for the caller to undo."""
+    """Register every range; ``done`` lists those registered, for the caller to undo.
+
+    ``unverified_pid``: a claimed registration is being checked without the
+    target's maps; a failure other than EBUSY then says what would have
+    allowed checking it.
+    """
     for r in ranges:
         try:
             ioctls = uffd.register(r.start, r.length)
         except _uffd.UffdError as e:
+            if unverified_pid and e.errno != errno.EBUSY:
+                raise Refused(
+                    "not_registered",
+                    f"range {r.start:#x}+{r.length:#x} is said to be registered, but it cannot be registered "
+                    f"with the attached userfaultfd ({os.strerror(e.errno or 0)}): unmapped as a whole, or "
+                    f"memory a userfaultfd cannot serve; the daemon cannot read the mappings of process "
+                    f"{unverified_pid} to tell (that needs CAP_SYS_PTRACE)",
+                ) from None
             if refusal == "not_registered":
                 raise Refused(
                     "not_registered",
@@ -760,6 +810,13 @@ def _register_all(
                 "bad_range",
                 f"range {r.start:#x}+{r.length:#x} is huge-page memory (no UFFDIO_ZEROPAGE there): "
                 "give its page_size in the request",
+            )
+        if huge and ioctls & 1 << _abi._UFFDIO_ZEROPAGE:
+            # Granted only where no mapping in the range is hugetlb.
+            raise Refused(
+                "bad_range",
+                f"range {r.start:#x}+{r.length:#x} declares page_size {r.page_size}, but it is not hugetlb "
+                "memory (UFFDIO_ZEROPAGE is allowed there): leave page_size out",
             )
         needed = 1 << _abi._UFFDIO_COPY if huge else _NEEDED_IOCTLS
         if ioctls & needed != needed:
