@@ -14,9 +14,14 @@ exported sources. Rules of this file:
   the next reads' sources already working (pipelined). Urgent and bulk
   reads travel on different connections, so an urgent read never queues
   behind bulk data, in our buffers or the kernel's.
-* Bytes handed to the transport stay valid until written: mmap-backed
-  extents are referenced (the sources stay open until every connection is
-  closed); extents whose memory is recycled (``owner`` set) are copied.
+* A mapped source's memory is only read while the source is pinned
+  (``PageSource.pinned``: its file cannot be cut meanwhile), and never
+  outside it: the bytes are copied out under the pin, checksummed,
+  compressed and handed to the transport from the copy. A local source's
+  bulk read is therefore read window by window at its turn to be sent,
+  not when it arrives; a cut file fails the read with an ERROR frame, and
+  the exporter (a SIGBUS would end it and every restore it serves) goes
+  on. Extents whose memory the source owns (``owner`` set) are copied too.
 """
 
 from __future__ import annotations
@@ -395,7 +400,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         self.conn = pp.ServerConnection(max_inflight=server.cfg.max_inflight)
         self.transport: asyncio.Transport | None = None
         self.urgent = False
-        self._queue: deque[tuple[pp.Read, asyncio.Task[list[Extent]]]] = deque()
+        #: Reads to answer in order; a local source's bulk read has no task:
+        #: it is read when its turn comes (see _send_local).
+        self._queue: deque[tuple[pp.Read, Export, asyncio.Task[list[Extent]] | None]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -464,11 +471,14 @@ class _ExportProtocol(asyncio.BufferedProtocol):
             self._client = ""
         if self.urgent:
             while self._queue:  # bulk replies of this reader must not wait for these
-                self._queue.popleft()[1].cancel()
+                task = self._queue.popleft()[2]
+                if task is not None:
+                    task.cancel()
                 self._reader.end()
         self._closing = True
-        for _, task in self._queue:
-            task.cancel()
+        for _, _, pending in self._queue:
+            if pending is not None:
+                pending.cancel()
         if self._writer is not None:
             self._writer.cancel()
         self._can_write.set()
@@ -527,8 +537,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
             if self.urgent and export.source.synchronous:
                 self._answer_now(export, ev)
                 return
-            task = asyncio.get_running_loop().create_task(self._fetch(export, ev))
-            self._queue.append((ev, task))
+            local = export.source.synchronous and not self.urgent
+            task = None if local else asyncio.get_running_loop().create_task(self._fetch(export, ev))
+            self._queue.append((ev, export, task))
             if self.urgent:
                 self._reader.begin()
             if self._writer is None:
@@ -544,8 +555,10 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         A faulting thread on the reader waits for this: going through a task
         and the writer would cost two more loop iterations, each possibly
         behind a bulk frame being written."""
+        src = export.source
         try:
-            self._send(read, export.source.extents(read.offset, read.length))
+            with src.pinned():  # held until every byte is copied out of the mapping
+                self._send(read, src.extents(read.offset, read.length))
         except SourceError as e:
             self._failed(read, e)
         except pp.LocalProtocolError as e:
@@ -560,10 +573,16 @@ class _ExportProtocol(asyncio.BufferedProtocol):
         self.log.warning("peer_read_failed", request=read.request_id, error=str(e))
 
     async def _fetch(self, export: Export, read: pp.Read) -> list[Extent]:
+        """A read of a source that must wait. Memory of the source's own
+        (``owner`` set) stays valid by itself; bytes it only lends (a
+        mapping) are copied before the pin ends."""
         src = export.source
-        if self.urgent:
-            return await src.fetch_urgent(read.offset, read.length)
-        return await src.fetch(read.offset, read.length)
+        with src.pinned():
+            if self.urgent:
+                extents = await src.fetch_urgent(read.offset, read.length)
+            else:
+                extents = await src.fetch(read.offset, read.length)
+            return [_own(e) if e.address and e.owner is None else e for e in extents]
 
     def _close(self) -> None:
         self._closing = True
@@ -580,13 +599,14 @@ class _ExportProtocol(asyncio.BufferedProtocol):
     async def _write_replies(self) -> None:
         try:
             while self._queue and not self._closing:
-                read, task = self._queue[0]
+                read, export, task = self._queue[0]
                 try:
-                    extents = await task
-                    if self.urgent:
-                        self._send(read, extents)
+                    if task is None:
+                        await self._send_local(read, export.source)
+                    elif self.urgent:
+                        self._send(read, await task)
                     else:
-                        await self._send_bulk(read, extents)
+                        await self._send_bulk(read, await task)
                 except SourceError as e:
                     self._failed(read, e)
                 except pp.LocalProtocolError as e:
@@ -607,7 +627,9 @@ class _ExportProtocol(asyncio.BufferedProtocol):
             self.conn.fail_read(read.request_id, pp.ErrorCode.INTERNAL, message)
 
     def _send(self, read: pp.Read, extents: list[Extent]) -> None:
-        _check_cover(read, extents)
+        """Synchronous, so a caller that pinned the source keeps it pinned
+        until every byte was copied (``_bytes_at``)."""
+        _check_cover(read.offset, read.length, extents)
         rid = read.request_id
         for e in extents:
             if e.address == 0:
@@ -619,9 +641,8 @@ class _ExportProtocol(asyncio.BufferedProtocol):
     async def _send_bulk(self, read: pp.Read, extents: list[Extent]) -> None:
         """Frame by frame, yielding to this reader's urgent replies and to
         the transport's flow control between frames; compressed if agreed."""
-        _check_cover(read, extents)
+        _check_cover(read.offset, read.length, extents)
         level = self.server.cfg.compress_level if "zstd" in self.conn.encodings else 0
-        loop = asyncio.get_running_loop()
         rid = read.request_id
         for e in extents:
             if e.address == 0:
@@ -629,34 +650,76 @@ class _ExportProtocol(asyncio.BufferedProtocol):
                 continue
             view = memoryview(_bytes_at(e))
             for pos in range(0, e.length, pp.BULK_FRAME):
-                if not self._reader.idle.is_set() or not self._can_write.is_set():
-                    self._flush()
-                    await self._reader.idle.wait()
-                    await self._can_write.wait()
-                    if self._closing:
-                        return
-                piece = view[pos : pos + pp.BULK_FRAME]
-                if level:
-                    frame, digest = await loop.run_in_executor(None, _compress, level, piece)
-                    if len(frame) < len(piece):
-                        self.conn.send_compressed(rid, len(piece), frame, digest)
-                    else:
-                        self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
-                else:
-                    self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
-                self._flush()
-                # One frame per loop iteration: an urgent READ that arrived
-                # meanwhile is read (and answered) before the next frame.
-                await asyncio.sleep(0)
-                if self._closing:
+                if not await self._bulk_turn():
+                    return
+                if not await self._send_frame(rid, view[pos : pos + pp.BULK_FRAME], level):
                     return
             self.bytes_sent += e.length
+
+    async def _send_local(self, read: pp.Read, src: PageSource) -> None:
+        """A bulk read of a local source, read a window at a time when it is
+        sent. Each window is read and copied under the source's pin within
+        one callback, so no address into a mapping outlives an await (the
+        file may be cut then) and the copy is what is checksummed,
+        compressed and written. Zero runs still travel as one ZERO frame."""
+        level = self.server.cfg.compress_level if "zstd" in self.conn.encodings else 0
+        rid = read.request_id
+        pos, end = read.offset, read.offset + read.length
+        zeros = 0
+        while pos < end:
+            n = min(pp.BULK_FRAME, end - pos)
+            if not await self._bulk_turn():
+                return
+            with src.pinned():
+                extents = src.extents(pos, n)
+                _check_cover(pos, n, extents)
+                pieces = [(e.length, _bytes_at(e) if e.address else None) for e in extents]
+            for length, data in pieces:
+                if data is None:
+                    zeros += length
+                    continue
+                if zeros:
+                    self.conn.send_zero(rid, zeros)
+                    zeros = 0
+                if not await self._send_frame(rid, data, level):
+                    return
+                self.bytes_sent += length
+            pos += n
+        if zeros:
+            self.conn.send_zero(rid, zeros)
+
+    async def _bulk_turn(self) -> bool:
+        """Wait until a bulk frame may go (no urgent reply of this reader
+        under way, room in the transport); False if the connection closed."""
+        if not self._reader.idle.is_set() or not self._can_write.is_set():
+            self._flush()
+            await self._reader.idle.wait()
+            await self._can_write.wait()
+        return not self._closing
+
+    async def _send_frame(self, rid: int, piece: bytes | memoryview, level: int) -> bool:
+        """One bulk frame of bytes nobody else may change or unmap; False if
+        the connection closed meanwhile."""
+        if level:
+            loop = asyncio.get_running_loop()
+            frame, digest = await loop.run_in_executor(None, _compress, level, piece)
+            if len(frame) < len(piece):
+                self.conn.send_compressed(rid, len(piece), frame, digest)
+            else:
+                self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
+        else:
+            self.conn.send_data(rid, piece, frame=pp.BULK_FRAME)
+        self._flush()
+        # One frame per loop iteration: an urgent READ that arrived
+        # meanwhile is read (and answered) before the next frame.
+        await asyncio.sleep(0)
+        return not self._closing
 
 
 _local = threading.local()
 
 
-def _compress(level: int, piece: memoryview) -> tuple[bytes, bytes]:
+def _compress(level: int, piece: bytes | memoryview) -> tuple[bytes, bytes]:
     """Runs in the default executor: one compressor per thread (they are not thread-safe)."""
     cctx = getattr(_local, "cctx", None)
     if cctx is None or _local.level != level:
@@ -665,22 +728,33 @@ def _compress(level: int, piece: memoryview) -> tuple[bytes, bytes]:
     return cctx.compress(piece), checksum(piece)
 
 
-def _check_cover(read: pp.Read, extents: list[Extent]) -> None:
-    pos = read.offset
+def _check_cover(offset: int, length: int, extents: list[Extent]) -> None:
+    pos = offset
     for e in extents:
         if e.offset != pos or e.length <= 0:
             raise pp.LocalProtocolError(f"extent at {e.offset:#x} where {pos:#x} was expected")
         pos += e.length
-    if pos != read.offset + read.length:
-        raise pp.LocalProtocolError(f"extents end at {pos:#x}, the read at {read.offset + read.length:#x}")
+    if pos != offset + length:
+        raise pp.LocalProtocolError(f"extents end at {pos:#x}, the read at {offset + length:#x}")
+
+
+class _Copy(bytes):
+    """Bytes copied out of a source under its pin: the exporter's own, sent as they are."""
+
+
+def _own(e: Extent) -> Extent:
+    """``e`` with its bytes copied into memory of the exporter's own."""
+    data = _Copy((ctypes.c_char * e.length).from_address(e.address))
+    return Extent(e.offset, e.length, ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 1, data)
 
 
 def _bytes_at(e: Extent) -> bytes | memoryview:
-    """The extent's bytes: referenced if mmap-backed, copied if its memory is recycled."""
-    view = memoryview((ctypes.c_char * e.length).from_address(e.address)).cast("B")
-    if e.owner is None:
-        return view
-    return bytes(view)
+    """The extent's bytes, as bytes nothing can change or unmap under the
+    transport: copied now (the caller holds the source's pin, or the owner
+    keeps the memory alive), or our own copy referenced."""
+    if isinstance(e.owner, _Copy):
+        return memoryview(e.owner)
+    return ctypes.string_at(e.address, e.length)
 
 
 def _subject(cert: dict[str, Any]) -> str:
