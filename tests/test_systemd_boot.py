@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parent.parent
 PY = f"{nspawn_tree.VENV}/bin/python3"
 MiB = 1 << 20
+CAP_KILL = 1 << 5
+CAP_LEASE = 1 << 28
 
 
 @dataclass
@@ -183,7 +185,7 @@ def _activate_serve_stop(c: Container) -> None:
             line.split(":\t", 1) for line in c.run("cat", f"/proc/{main_pid}/status").stdout.splitlines()
             if ":\t" in line
         )
-        assert int(proc_status["CapBnd"], 16) == 1 << 5  # CAP_KILL alone
+        assert int(proc_status["CapBnd"], 16) == CAP_KILL | CAP_LEASE
         assert proc_status["NoNewPrivs"].strip() == "1"
         assert proc_status["Seccomp"].strip() == "2"  # a syscall filter
         # Watchdog pings keep it alive well past WatchdogSec=3s.
@@ -200,6 +202,19 @@ def _activate_serve_stop(c: Container) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
+    # `systemctl reload` (ExecReload= sends SIGHUP): one `reloaded` line, same process, still up.
+    c.run("systemctl", "reload", "lazypaged.service")
+    _wait_reloaded(c, 1)
+    assert int(c.show("lazypaged.service", "MainPID")) == main_pid
+    assert c.show("lazypaged.service", "SubState") == "running"
+    # A SIGHUP sent by hand is the same reload, never an exit; the daemon still serves.
+    c.run("systemctl", "kill", "-s", "HUP", "lazypaged.service")
+    _wait_reloaded(c, 2)
+    assert int(c.show("lazypaged.service", "MainPID")) == main_pid
+    assert c.show("lazypaged.service", "SubState") == "running"
+    assert c.show("lazypaged.service", "NRestarts") == "0"
+    _restore(c)
+
     c.run("systemctl", "stop", "lazypaged.service", timeout=150)
     assert c.show("lazypaged.service", "ActiveState") == "inactive"
     assert c.show("lazypaged.service", "Result") == "success"
@@ -215,3 +230,30 @@ def _activate_serve_stop(c: Container) -> None:
         if x.get("session") == accepted["accepted"]:
             assert x["kind"] == "native"
             assert x["pid"] == accepted["pid"]
+
+
+def _daemon_events(c: Container, event: str) -> list[dict[str, object]]:
+    lines = c.run("journalctl", "-u", "lazypaged.service", "-o", "cat", "--no-pager").stdout.splitlines()
+    return [x for x in (json.loads(ln) for ln in lines if ln.startswith("{")) if x.get("event") == event]
+
+
+def _wait_reloaded(c: Container, count: int, timeout: float = 30) -> None:
+    """Until the journal holds ``count`` ``reloaded`` lines (a reload is applied after the signal returns)."""
+    deadline = time.monotonic() + timeout
+    while len(found := _daemon_events(c, "reloaded")) < count:
+        assert not _daemon_events(c, "reload_failed"), _daemon_events(c, "reload_failed")
+        assert time.monotonic() < deadline, f"{len(found)} reloaded lines, wanted {count}"
+        time.sleep(0.2)
+    assert len(found) == count, found
+
+
+def _restore(c: Container) -> None:
+    """One more restore through the socket, every touched page checked by the target."""
+    target = c.popen(PY, f"{nspawn_tree.SRC}/tests/ops_target.py", "--socket", "/run/lazypaged/handoff.sock",
+                     "--image", "/var/lib/lazypaged/snapshots/img", "--name", "img", "--size", str(8 * MiB),
+                     "--pages", "5")
+    out, err = target.communicate(timeout=60)
+    lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert target.returncode == 0, (lines, err[-2000:])
+    assert "accepted" in lines[0], (lines, err[-2000:])
+    assert lines[1] == {"touched": 5, "ok": True}, lines
