@@ -1,11 +1,13 @@
 """``lazypaged criu-lazy-pages``: a drop-in for ``criu lazy-pages``.
 
     lazypaged criu-lazy-pages -D IMAGES [-W WORKDIR] [--page-server --address A --port P]
-                              [--status-fd FD] [-o LOGFILE] [-v[N]]
+                              [--status-fd FD] [-d] [--pidfile FILE] [-o LOGFILE] [-v[N]]
 
 serves one ``criu restore --lazy-pages`` and exits: 0 once every page of
 every task is in (or the task exited), 1 when the restore or a session
 failed, 2 on bad usage. Options not listed here are refused, not ignored.
+With ``-d`` (as criu's) it goes to the background once it listens: the
+command returns 0 then, or the child's status if it could not start.
 
 Signals follow ``lazypaged serve`` (lazypaged/daemon.py): SIGTERM, SIGINT
 and SIGQUIT stop it (unfinished targets are killed, never left to read
@@ -21,6 +23,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +65,9 @@ def add_parser(sub: Any) -> None:
         help="serve the lazy pages from a lazypaged snapshot of these images (see docs/criu.md) instead",
     )
     p.add_argument("--status-fd", type=int, help="write one NUL byte to this fd once listening, then close it")
+    p.add_argument("-d", "--daemon", action="store_true",
+                   help="detach once listening (the command returns then; exit status is lost)")
+    p.add_argument("--pidfile", help="write the serving process's pid here once listening (relative: work dir)")
     p.add_argument("-o", "--log-file", help="log file (relative names are in the work dir; default stderr)")
     p.add_argument("--verbosity", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--log-format", choices=["auto", "json", "console"], default="json")
@@ -107,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
         bad = images if not images.is_dir() else work
         print(f"lazypaged criu-lazy-pages: {bad} is not a directory", file=sys.stderr)
         return EXIT_USAGE
+    pidfile = None
+    if args.pidfile:
+        pidfile = Path(args.pidfile) if Path(args.pidfile).is_absolute() else work / args.pidfile
+    detached = _detach() if args.daemon else None
     level = _LEVELS.get(args.verbosity, "debug")
     stream: Any = sys.stderr
     if args.log_file:
@@ -120,11 +130,17 @@ def run(args: argparse.Namespace) -> int:
         ps = PageServer(args.address, args.port, args.page_server_header, c.page_server_window)
     from ..daemon import ignore_signals, new_event_loop
 
+    def listening() -> None:
+        if pidfile is not None:
+            _write_pidfile(pidfile, log)
+        if detached is not None:
+            _detached_ready(detached)
+
     ignore_signals()  # until the loop handles them: nothing may end it between here and there
     loop = new_event_loop()
     try:
         snap = args.snapshot.resolve() if args.snapshot else None
-        main = _main(images, work, cfg.session, ps, snap, args.status_fd, log, LazyPagesServer)
+        main = _main(images, work, cfg.session, ps, snap, args.status_fd, log, LazyPagesServer, listening)
         rc = loop.run_until_complete(main)
     except FileExistsError as e:
         log.error("cannot_listen", error=str(e))
@@ -132,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         rc = EXIT_FAIL
     finally:
         loop.close()
+        if pidfile is not None:
+            _remove_pidfile(pidfile)
         if stream is not sys.stderr:
             stream.close()
     # Everything is released; the daemon's exit is what tells the operator
@@ -140,6 +158,72 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
+
+
+def _detach() -> tuple[int, int]:
+    """Fork; the parent returns to the shell once the child listens (with
+    0), or with the child's status when it could not start, so a script
+    may start ``criu restore`` as soon as the command returns, as with
+    ``criu lazy-pages -d``.
+
+    The child runs in a new session with its standard streams on
+    /dev/null from the start (whatever it spawns holds no pipe of the
+    caller's open); until it listens, ``sys.stderr`` is still the caller's,
+    so a failure to start is reported there. Returns the write end of the
+    pipe the parent waits on and that stderr's descriptor."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            ready = f.read(1)
+        if ready == b"\0":
+            os._exit(EXIT_OK)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else EXIT_FAIL)
+    os.close(r)
+    os.setsid()
+    err = os.dup(2)  # not inherited by anything spawned
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    sys.stderr = open(err, "w", buffering=1, closefd=False)  # noqa: SIM115
+    return w, err
+
+
+def _detached_ready(detached: tuple[int, int]) -> None:
+    """Release the waiting parent and the caller's stderr (log lines meant
+    for it go to /dev/null from now on; a log file given with -o stays)."""
+    w, err = detached
+    os.write(w, b"\0")
+    os.close(w)
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, err, inheritable=False)
+    os.close(null)
+
+
+def _write_pidfile(path: Path, log: Any) -> None:
+    """Whole or not at all: a reader never sees a half-written pid."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.rename(path)
+    except OSError as e:
+        log.warning("pidfile_failed", path=str(path), error=str(e))
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_pidfile(path: Path) -> None:
+    """Only while it still names this process (another run may own it now)."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _handle_signals(loop: asyncio.AbstractEventLoop, stop: Any, log: Any) -> list[int]:
@@ -165,7 +249,7 @@ def _handle_signals(loop: asyncio.AbstractEventLoop, stop: Any, log: Any) -> lis
 
 async def _main(
     images: Path, work: Path, session_cfg: Any, ps: Any, snapshot: Path | None, status_fd: int | None, log: Any,
-    server_cls: Any,
+    server_cls: Any, on_listening: Callable[[], None] | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
@@ -187,6 +271,8 @@ async def _main(
     handled = _handle_signals(loop, stop, log)
     try:
         await server.start()
+        if on_listening is not None:
+            on_listening()  # the pid file before the status byte: whoever waits on it may read it
         if status_fd is not None:
             try:
                 os.write(status_fd, b"\0")
