@@ -5,6 +5,11 @@ may claim registrations it does not have: both would leave pages the
 daemon never hears about, which the target then reads as zeros. The
 kernel's own view of the mappings (``/proc/PID/maps``, and the ``VmFlags``
 of ``/proc/PID/smaps``) is what the handoff checks a range against.
+
+Both files need ptrace read access to the target: a daemon without
+CAP_SYS_PTRACE (the shipped unit) gets EACCES for a target of another uid,
+or for a root one holding capabilities it lacks. The handoff then checks
+what the uffd alone can prove (``_read_target`` in handoff_server.py).
 """
 
 from __future__ import annotations

@@ -44,6 +44,8 @@ def main() -> int:
     ap.add_argument("--case", required=True, choices=(
         "plain", "registered", "other_uffd", "unregistered", "hole", "unmapped_range", "huge_declared", "split",
     ))
+    ap.add_argument("--hold", action="store_true",
+                    help="no fill; once the pages are read, say so and keep the session until stdin closes")
     args = ap.parse_args()
     size = args.size
     _mem, addr = map_anonymous(size)  # kept: the mapping lives as long as the object
@@ -99,9 +101,13 @@ def main() -> int:
 
     try:
         with Handoff.connect(args.socket) as h:
-            h.send(uffd, ranges, registered=registered, options=SessionOptions(fault_around=False),
+            h.send(uffd, ranges, registered=registered, options=SessionOptions(fault_around=False, fill=not args.hold),
                    keep_uffd=not after)
             parts = [] if after else digests()
+            if args.hold:
+                print(json.dumps({"held": True, "parts": parts}), flush=True)
+                sys.stdin.read()
+                return 0
             h.wait(timeout=60)
         if after:
             parts = digests()

@@ -1,12 +1,12 @@
 """Handoffs to a daemon that may not read its targets' address space.
 
-The shipped unit keeps CAP_KILL alone (and CAP_LEASE): no CAP_SYS_PTRACE,
+The shipped unit keeps CAP_KILL and CAP_LEASE only: no CAP_SYS_PTRACE,
 so /proc/PID/maps and smaps of a target of another uid, or of a root
 target holding capabilities the daemon lacks, cannot be opened. The checks
 that read them must then fall back to what the uffd itself proves, never
 to believing the client. The daemon here runs the way the unit runs it:
-root, with a bounding set of CAP_KILL, so its capabilities after exec are
-that set alone.
+root, with the unit's own ``CapabilityBoundingSet=`` as its bounding set,
+so its capabilities after exec are that set alone.
 """
 
 from __future__ import annotations
@@ -34,6 +34,20 @@ CLIENT = HERE / "noptrace_client.py"
 NOBODY = 65534
 SIZE = 2 * MiB
 CAP_KILL = 5
+CAP_SYS_PTRACE = 19
+CAP_LEASE = 28
+UNIT = HERE.parent / "systemd" / "lazypaged.service"
+
+
+def unit_caps() -> list[str]:
+    """The shipped unit's CapabilityBoundingSet=, as capability names."""
+    (line,) = [x for x in UNIT.read_text().splitlines() if x.startswith("CapabilityBoundingSet=")]
+    return line.partition("=")[2].split()
+
+
+def cap_mask(names: list[str]) -> int:
+    bits = {"CAP_KILL": CAP_KILL, "CAP_LEASE": CAP_LEASE, "CAP_SYS_PTRACE": CAP_SYS_PTRACE}
+    return sum(1 << bits[n] for n in names)
 
 
 class Daemon:
@@ -45,6 +59,7 @@ class Daemon:
         snaps.mkdir()
         self.image = snaps / "img"
         make_image(self.image, SIZE)
+        bounding = ["+" + n.removeprefix("CAP_").lower() for n in unit_caps()]
         cfg = base / "lazypaged.toml"
         cfg.write_text(
             f'[daemon]\nhandoff_socket = "{self.socket}"\nsnapshot_dirs = ["{snaps}"]\n'
@@ -58,7 +73,7 @@ class Daemon:
         try:
             with open(self.log, "wb") as lf:
                 self.proc = subprocess.Popen(
-                    ["setpriv", "--bounding-set", "-all,+kill", "--inh-caps", "-all", "--",
+                    ["setpriv", "--bounding-set", ",".join(["-all", *bounding]), "--inh-caps", "-all", "--",
                      sys.executable, "-m", "lazypaged", "serve", "--config", str(cfg)],
                     stdout=lf, stderr=lf, env=env,
                 )
@@ -138,9 +153,39 @@ USERS = pytest.mark.parametrize("uid", [NOBODY, None], ids=["target-of-another-u
 
 
 def test_daemon_runs_without_ptrace(daemon: Daemon) -> None:
-    """The premise: the daemon holds CAP_KILL alone, as under the unit."""
-    assert _caps(daemon.proc.pid, "CapEff") == 1 << CAP_KILL
-    assert _caps(daemon.proc.pid, "CapBnd") == 1 << CAP_KILL
+    """The premise: the daemon holds the unit's capabilities alone, and no ptrace access."""
+    assert unit_caps() == ["CAP_KILL", "CAP_LEASE"]
+    assert _caps(daemon.proc.pid, "CapEff") == cap_mask(unit_caps())
+    assert _caps(daemon.proc.pid, "CapBnd") == cap_mask(unit_caps())
+    assert not _caps(daemon.proc.pid, "CapEff") & 1 << CAP_SYS_PTRACE
+
+
+def test_image_of_another_owner_is_read_under_a_lease(daemon: Daemon) -> None:
+    """A lease needs the file's owner or CAP_LEASE: with CAP_KILL alone an
+    image written by another user was never leased, so its reads went
+    without the guard against a file cut short (docs in sources/lease.py)."""
+    other = daemon.image.parent / "theirs"
+    other.write_bytes(daemon.image.read_bytes())
+    os.chown(other, NOBODY, NOBODY)
+    cmd = [sys.executable, str(CLIENT), "--socket", str(daemon.socket), "--name", "theirs", "--size", str(SIZE),
+           "--case", "plain", "--hold"]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd="/")
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("{"), proc.stderr.read() if proc.stderr else ""
+        held = json.loads(line)
+        assert held.get("held"), held
+        served_right(daemon, {"ok": True, "parts": held["parts"]})
+        ino = other.stat().st_ino
+        leases = [x for x in Path("/proc/locks").read_text().splitlines() if "LEASE" in x and f":{ino} " in x]
+        assert leases, "no read lease on an image owned by another user"
+        assert "READ" in leases[0], leases
+    finally:
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
 
 
 @USERS
