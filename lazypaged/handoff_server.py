@@ -456,6 +456,10 @@ class HandoffServer:
             _check_page_sizes(pid, ranges)
             vmas: list[Vma] | None
             if req.registered:
+                if api_done is False:
+                    # The kernel registers nothing on a uffd before UFFDIO_API.
+                    raise Refused("not_registered", "UFFDIO_API was never called on the attached userfaultfd, "
+                                  "so nothing can be registered with it")
                 vmas = _check_registered(uffd, pid, ranges)
             else:
                 if api_done is False:

@@ -43,13 +43,14 @@ def main() -> int:
     ap.add_argument("--size", type=int, required=True)
     ap.add_argument("--case", required=True, choices=(
         "plain", "registered", "other_uffd", "unregistered", "hole", "unmapped_range", "huge_declared", "split",
+        "no_api",
     ))
     ap.add_argument("--hold", action="store_true",
                     help="no fill; once the pages are read, say so and keep the session until stdin closes")
     args = ap.parse_args()
     size = args.size
     _mem, addr = map_anonymous(size)  # kept: the mapping lives as long as the object
-    uffd = _uffd()
+    uffd = Userfaultfd.create(user_mode_only=os.geteuid() != 0) if args.case == "no_api" else _uffd()
     ranges = [RangeSpec(addr, size, args.name, 0)]
     registered = args.case != "plain"
     mapped = [(0, size)]

@@ -244,6 +244,14 @@ def test_registered_range_wholly_unmapped_is_refused(daemon: Daemon, uid: int | 
 
 
 @USERS
+def test_registered_claim_on_a_uffd_without_api_is_refused(daemon: Daemon, uid: int | None) -> None:
+    """Nothing registers on a uffd before UFFDIO_API: said so, not blamed on missing maps."""
+    res = run(daemon, "no_api", uid)
+    assert res["code"] == "not_registered", res
+    assert "UFFDIO_API" in str(res["message"]), res
+
+
+@USERS
 def test_huge_page_size_over_ordinary_memory_is_refused(daemon: Daemon, uid: int | None) -> None:
     """Found by the registration itself: ordinary memory grants UFFDIO_ZEROPAGE, hugetlb does not."""
     res = run(daemon, "huge_declared", uid)
