@@ -47,6 +47,7 @@ import ctypes
 import errno
 import functools
 import os
+import select
 import signal
 import struct
 import time
@@ -563,12 +564,16 @@ class RestoreSession:
         for a, b in r.removed:
             if a <= i < b:
                 gen = self._events_applied
-                done = all(
-                    self._put_zero(m.start + ((lo - m.first) << r.shift), (hi - lo) << r.shift, zeropage=r.zeropage)
+                # Every piece, even after one that found no mapping.
+                pieces = [
+                    self._put_zero(
+                        m.start + ((lo - m.first) << r.shift), (hi - lo) << r.shift, zeropage=r.zeropage, page=r.page
+                    )
                     for m in list(self._mappings_of(r))
                     for lo, hi in [(max(a, m.first), min(b, m.last))]
                     if lo < hi
-                )
+                ]
+                done = all(pieces)
                 if done and gen == self._events_applied:
                     r.removed = subtract(r.removed, a, b)
                 return True
@@ -911,9 +916,17 @@ class RestoreSession:
         ``src`` is the daemon address of page ``a``'s bytes (0: zeros). Each
         step re-reads page states and mappings, so events applied during a
         retry (removal, unmap, mremap) are honoured.
+
+        One ioctl must stay inside one VMA, and the target can split a VMA
+        with no event at all (``mprotect`` of part of a range): the kernel
+        then refuses a run across the new boundary with ENOENT as a whole.
+        Such a run is tried again in halves until the pieces fit (a few
+        calls per boundary); only a page whose own copy fails is gone.
         """
         bm, st, uffd, shift = r.bitmap, self.stats, self.uffd, r.shift
         pos = a
+        cap = 0  # pages per call while narrowing an ENOENT (0: no limit)
+        gone = False  # the last page tried alone was not there
         while pos < b:
             if bm[pos] != want:
                 pos += 1
@@ -927,14 +940,15 @@ class RestoreSession:
                 st.pages_missing -= 1
                 pos += 1
                 continue
-            end = min(b, m.last)
-            if b - pos > 1:
+            end = min(b, m.last, pos + cap) if cap else min(b, m.last)
+            if end - pos > 1:
                 for other in _OTHER_STATES[want]:
                     k = bm.find(other, pos, end)
                     if k != -1:
                         end = k
             dst = m.start + ((pos - m.first) << shift)
             n = (end - pos) << shift
+            lost = False
             try:
                 if src == POISON:
                     done = uffd.poison(dst, n, wake=wake)
@@ -967,9 +981,20 @@ class RestoreSession:
                 if self._events_applied != seen:
                     m = None  # the layout changed: look the pages up afresh
                     continue
+                if end - pos > 1:
+                    # Perhaps only past a VMA boundary made after the handoff:
+                    # narrow down. After a page found gone, its neighbours are
+                    # tried one by one (an unmapped stretch costs one call a
+                    # page, never a search per page).
+                    self._check_target_alive()
+                    cap = 1 if gone else max(1, (end - pos) >> 1)
+                    continue
                 if self.uffd.features & _LAYOUT_EVENTS == _LAYOUT_EVENTS:
                     return  # the REMAP or UNMAP event will say; leave them missing
-                done = n  # no events negotiated: the range is simply gone
+                # No events negotiated: this page is simply not there any
+                # more. Settled without a byte counted; no thread can wait on it.
+                done = n
+                lost = True
             except _uffd.UffdError as e:
                 if e.errno == errno.EFAULT and src > 0:
                     # Our side of the copy is unreadable: the source's memory
@@ -984,10 +1009,25 @@ class RestoreSession:
             bm[pos : pos + cnt] = _ONES[:cnt] if cnt <= len(_ONES) else b"\x01" * cnt
             st.pages_missing -= cnt
             pos += cnt
+            gone = lost
+            if lost:
+                cap = 1
+                continue
+            cap = 0  # that piece fit: the rest may well fit whole
             if not wake:  # the caller wakes the whole batch at once
                 lo, hi = dst, dst + done
                 self._batch_lo = min(self._batch_lo, lo) if self._batch_hi else lo
                 self._batch_hi = max(self._batch_hi, hi)
+
+    def _check_target_alive(self) -> None:
+        """Raise ``TargetGone`` once the target has exited.
+
+        An ENOENT is first narrowed page by page: for a target that is gone
+        that would be a loop over every page it had, so its pidfd is asked
+        first.
+        """
+        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+            raise _uffd.TargetGone(errno.ESRCH, "UFFDIO_COPY (the target exited)")
 
     def _copy_zeros(self, dst: int, n: int) -> int:
         """Zeros for memory without UFFDIO_ZEROPAGE (hugetlb): copy a zero buffer."""
@@ -996,25 +1036,41 @@ class RestoreSession:
         self.stats.bytes_zero += done
         return done
 
-    def _put_zero(self, addr: int, length: int, *, zeropage: bool) -> bool:
-        """Zeros into [addr, addr+length); False if the range was not there."""
+    def _put_zero(self, addr: int, length: int, *, zeropage: bool, page: int = PAGE) -> bool:
+        """Zeros into [addr, addr+length); False if some of it was not there.
+
+        Like :meth:`_put`, a range refused with ENOENT as a whole is tried
+        again in halves (it may reach across a VMA boundary made after the
+        handoff), and every page that is there gets its zeros.
+        """
         end = addr + length
+        cap = 0  # bytes per call while narrowing an ENOENT (0: no limit)
+        whole = True
         while addr < end:
+            n = min(end - addr, cap) if cap else end - addr
             try:
                 if zeropage:
-                    done = self.uffd.zeropage(addr, end - addr)
+                    done = self.uffd.zeropage(addr, n)
                     self.stats.bytes_zero += done
                 else:
-                    done = self._copy_zeros(addr, end - addr)
+                    done = self._copy_zeros(addr, n)
             except _uffd.AlreadyPresent:
-                done = PAGE
+                done = page
             except _uffd.RangeGone:
-                return False
+                if n > page:
+                    self._check_target_alive()
+                    cap = page if not whole else max(page, (n // page >> 1) * page)
+                    continue
+                whole = False  # this page is not there; go on page by page
+                cap = page
+                addr += page
+                continue
             except _uffd.Busy:
                 self._pump_events()
                 continue
             addr += done
-        return True
+            cap = 0 if whole else cap
+        return whole
 
     # -- address-space events ---------------------------------------------------
     def _event(self, ev: _uffd.Event) -> None:
