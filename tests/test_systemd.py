@@ -77,7 +77,7 @@ def test_units_agree_with_the_defaults() -> None:
     # systemd wants an absolute path (`systemd-analyze verify` refuses a bare name).
     assert svc["ExecStart"][0].startswith("/usr/local/bin/lazypaged serve --config ")
     # systemctl reload is SIGHUP, which the daemon takes as "read the configuration again".
-    assert svc["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert svc["ExecReload"] == ["/bin/sh -c 'kill -HUP \"$$MAINPID\"'"]
 
 
 def _exec_stop() -> list[str]:
@@ -109,8 +109,11 @@ def test_exec_reload_and_exec_stop_drive_a_real_daemon(tmp_path: Path) -> None:
 
         wait_for_socket(sock, proc)
         (reload_line,) = _unit("lazypaged.service")["ExecReload"]
-        cmd = reload_line.replace("$MAINPID", str(proc.pid)).split()
-        assert subprocess.run(cmd, timeout=30).returncode == 0
+        m = re.fullmatch(r"/bin/sh -c '(.*)'", reload_line)
+        assert m, reload_line
+        cmd = ["/bin/sh", "-c", m.group(1).replace("$$", "$")]
+        env = {"PATH": os.environ["PATH"], "MAINPID": str(proc.pid)}
+        assert subprocess.run(cmd, env=env, timeout=30).returncode == 0
         deadline = time.monotonic() + 30
         while '"reloaded"' not in log.read_text():
             assert proc.poll() is None, log.read_text()
