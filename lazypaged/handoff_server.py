@@ -338,7 +338,10 @@ class HandoffServer:
             )
         else:
             reply = hp.Failed(session.id, outcome.code, outcome.message)
-        await self._send(conn, reply)
+        try:
+            await self._send(conn, reply)
+        finally:
+            session.release()
 
     async def _handshake(self, conn: socket.socket, cred: PeerCred) -> RestoreSession | None:
         """Read and check the request; a running session, or None once refused."""
@@ -499,6 +502,7 @@ class HandoffServer:
                 os.close(pidfd)
             raise
         session.keeps_uffd = req.keeps_uffd
+        session.release_after_reply = True  # unregistered only once `complete` is sent
 
         def ended(s: RestoreSession) -> None:
             for src in acquired:

@@ -98,6 +98,10 @@ _LAYOUT_EVENTS = abi.UFFD_FEATURE_EVENT_REMAP | abi.UFFD_FEATURE_EVENT_UNMAP
 POISON = -1
 #: Retry delays while a source fails under the ``wait`` policy.
 RETRY_FIRST, RETRY_MAX = 0.05, 5.0
+#: A forked child's pid: its parent's children are read again after these
+#: many seconds at most, doubling from the first (the child is linked into
+#: its parent's children only after the fork event was read).
+PID_SEARCH_FIRST, PID_SEARCH_MAX, PID_SEARCH_TRIES = 0.001, 0.1, 40
 #: ``sigbus``: a failed read is read again in pieces this big before
 #: anything is poisoned (see _narrow).
 NARROW_PIECE = 64 << 10
@@ -208,9 +212,23 @@ class RestoreSession:
         #: Called when the uffd is finally closed (for a failed session: when
         #: its target exits or the daemon abandons it).
         self.on_released: Callable[[RestoreSession], None] | None = None
+        #: Set by a handoff that answers its restorer: a complete session then
+        #: keeps its ranges registered until :meth:`release` is called after
+        #: the ``complete`` frame went out. A daemon killed between the two
+        #: leaves the ranges registered, so a re-hand finds them as claimed
+        #: and is served; unregistered first, the re-hand was refused
+        #: ``not_registered`` and the restorer never learnt it had finished.
+        self.release_after_reply = False
         #: The restorer keeps its own copy of the uffd, so closing ours cannot
         #: make the kernel zero-fill the target (see uffd/fd.py).
         self.keeps_uffd = False
+        #: Pids of this target's forked children that their sessions claimed.
+        self._child_pids: set[int] = set()
+        #: Children sessions still looking for their pid (see _find_pid).
+        self._pid_searches: set[str] = set()
+        #: A forked child's: (parent session, parent pid, the parent's
+        #: children when the fork event was read), until its pid is known.
+        self._pid_search: tuple[RestoreSession, int, frozenset[int]] | None = None
 
     # -- lifecycle ------------------------------------------------------------
     async def run(self) -> Outcome:
@@ -226,6 +244,8 @@ class RestoreSession:
         if self._pidfd is not None:
             loop.add_reader(self._pidfd, self._on_target_exit)
             self._readers.append(self._pidfd)
+        if self._pid_search is not None and self.outcome is None:
+            self._spawn(self._find_pid())
         self._on_readable()  # faults that arrived before we listened
         self._check_complete()
         plan = self._prepare_working_set()
@@ -316,18 +336,30 @@ class RestoreSession:
                 if fd in self._readers:
                     self._loop.remove_reader(fd)
                     self._readers.remove(fd)
+        elif self.release_after_reply and outcome.state == "complete":
+            self._stop_reading()
         else:
             self._release()
         if self._done is not None and not self._done.done():
             self._done.set_result(outcome)
 
-    def _release(self) -> None:
-        if self.uffd.closed:
-            return
+    def _stop_reading(self) -> None:
         for fd in self._readers:
             if self._loop is not None:
                 self._loop.remove_reader(fd)
         self._readers.clear()
+
+    def release(self) -> None:
+        """Unregister and close a complete session once the restorer was told
+        (``release_after_reply``); anything else is left as it is (a failed
+        session's uffd must stay open)."""
+        if self.outcome is not None and self.outcome.state == "complete":
+            self._release()
+
+    def _release(self) -> None:
+        if self.uffd.closed:
+            return
+        self._stop_reading()
         if self.outcome is not None and self.outcome.state == "complete":
             for m in self.mappings:
                 try:
@@ -1026,7 +1058,7 @@ class RestoreSession:
         that would be a loop over every page it had, so its pidfd is asked
         first.
         """
-        if self._pidfd is not None and select.select([self._pidfd], [], [], 0)[0]:
+        if self._target_exited():
             raise _uffd.TargetGone(errno.ESRCH, "UFFDIO_COPY (the target exited)")
 
     def _copy_zeros(self, dst: int, n: int) -> int:
@@ -1151,6 +1183,11 @@ class RestoreSession:
             # fill the child's missing pages, so refuse loudly instead.
             child_uffd.close()
             raise SessionFailed("unsupported_event", "the target forked but this session cannot adopt children")
+        # The child has no pid yet (the kernel sends the event from inside
+        # fork, before it allocates one): what the parent's children are now
+        # tells the new one apart once it appears.
+        ppid = self.pid
+        before = _children_of(ppid) if ppid else None
         clones = {id(r): r.clone_for_fork() for r in self.regions}
         maps = [Mapping(m.start, m.end, clones[id(m.region)], m.first) for m in self.mappings]
         self.children += 1
@@ -1172,7 +1209,76 @@ class RestoreSession:
             failure_policy=self.failure_policy,
         )
         self.log.info("target_forked", child_session=sid)
+        if ppid and before is not None:
+            child._pid_search = (self, ppid, before)
+            self._pid_searches.add(sid)
+        else:
+            child.log.warning("target_pid_unknown", reason="the parent's pid is not known")
         self.host.adopt(child)
+
+    async def _find_pid(self) -> None:
+        """A forked child's pid and pidfd, as its parent's one new child.
+
+        The child is linked into its parent's children right after the fork
+        event is read, so this looks until one pid appears that was not
+        there then and no sibling claimed. Never a guess: when two forks of
+        one parent are looked for at once, or the parent exits first (the
+        child is reparented), the pid stays unknown and a forced exit falls
+        back to searching the first target's descendants. A wrong pid would
+        be worse than none: that process's exit would close this uffd.
+        """
+        assert self._pid_search is not None
+        parent, ppid, before = self._pid_search
+        self._pid_search = None
+        why, delay = "the child did not appear among its parent's children", 0.0
+        try:
+            for _ in range(PID_SEARCH_TRIES):
+                if delay:
+                    await asyncio.sleep(delay)
+                delay = min(max(delay * 2, PID_SEARCH_FIRST), PID_SEARCH_MAX)
+                kids = _children_of(ppid)
+                if kids is None or parent._target_exited():
+                    why = "the parent exited first"
+                    break
+                new = kids - before - parent._child_pids
+                if not new:
+                    continue
+                if len(new) > 1 or len(parent._pid_searches) > 1:
+                    why = f"forks at once, candidates {sorted(new)}"
+                    break
+                pid = next(iter(new))
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError:
+                    why = "the child exited first"
+                    break
+                # A pidfd names one process for good; the pid is that child's
+                # only if it still is the parent's child after the open.
+                if pid not in (_children_of(ppid) or ()):
+                    os.close(pidfd)
+                    why = "the child exited first"
+                    break
+                parent._child_pids.add(pid)
+                self._set_target(pid, pidfd, ppid)
+                return
+        finally:
+            parent._pid_searches.discard(self.id)
+        self.log.warning("target_pid_unknown", reason=why, parent_pid=ppid)
+
+    def _set_target(self, pid: int, pidfd: int, ppid: int) -> None:
+        """Watch a forked child's pidfd from now on, as a parent session's."""
+        if self.uffd.closed:
+            os.close(pidfd)
+            return
+        self.pid, self._pidfd = pid, pidfd
+        self.log = self.log.bind(pid=pid)
+        if self._loop is not None:
+            self._loop.add_reader(pidfd, self._on_target_exit)
+            self._readers.append(pidfd)
+        self.log.info("target_pid_found", parent_pid=ppid)
+
+    def _target_exited(self) -> bool:
+        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], 0)[0])
 
     # -- working set ----------------------------------------------------------
     def _prepare_working_set(self) -> list[tuple[Region, int, int, int, workingset.WorkingSet, workingset.WsChunk]]:
@@ -1457,6 +1563,22 @@ class RestoreSession:
             "source_errors": st.source_errors,
             "bytes_poisoned": st.bytes_poisoned,
         }
+
+
+def _children_of(pid: int) -> frozenset[int] | None:
+    """The children of every thread of ``pid``; None once it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    kids: set[int] = set()
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.update(int(k) for k in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return frozenset(kids)
 
 
 async def _fetch_copies(rec: workingset.Recorder) -> dict[int, bytes]:

@@ -218,17 +218,11 @@ def test_registered_claim_over_unregistered_memory_gets_every_byte(daemon: Daemo
 #: Without the maps a session's mappings are not cut at the target's VMAs:
 #: a fill copy across a boundary fails ENOENT, and the session must then
 #: retry page by page instead of taking the run for gone.
-ACROSS_VMAS = pytest.mark.xfail(reason="needs the session to retry a copy that fails ENOENT page by page",
-                                strict=False)
-
-
-@ACROSS_VMAS
 @USERS
 def test_registered_range_with_a_hole_is_served(daemon: Daemon, uid: int | None) -> None:
     served_right(daemon, run(daemon, "hole", uid))
 
 
-@ACROSS_VMAS
 @USERS
 def test_range_over_two_mappings_is_served(daemon: Daemon, uid: int | None) -> None:
     served_right(daemon, run(daemon, "split", uid))
