@@ -101,7 +101,7 @@ RETRY_FIRST, RETRY_MAX = 0.05, 5.0
 #: A forked child's pid: its parent's children are read again after these
 #: many seconds at most, doubling from the first (the child is linked into
 #: its parent's children only after the fork event was read).
-PID_SEARCH_FIRST, PID_SEARCH_MAX, PID_SEARCH_TRIES = 0.001, 0.1, 40
+PID_SEARCH_FIRST, PID_SEARCH_MAX, PID_SEARCH_TRIES = 0.001, 0.1, 100
 #: ``sigbus``: a failed read is read again in pieces this big before
 #: anything is poisoned (see _narrow).
 NARROW_PIECE = 64 << 10
@@ -224,6 +224,8 @@ class RestoreSession:
         self.keeps_uffd = False
         #: Pids of this target's forked children that their sessions claimed.
         self._child_pids: set[int] = set()
+        #: The target's children before any of its fork events was read.
+        self._known_children: frozenset[int] | None = None
         #: Children sessions still looking for their pid (see _find_pid).
         self._pid_searches: set[str] = set()
         #: A forked child's: (parent session, parent pid, the parent's
@@ -238,6 +240,10 @@ class RestoreSession:
         if self.outcome is None:
             RestoreSession.serving += 1
             self._counted = True
+        if self.pid:
+            # Before the first read: a fork the target is in waits for that
+            # read, so its child is not among these.
+            self._known_children = _children_of(self.pid)
         fd = self.uffd.fileno()
         loop.add_reader(fd, self._on_readable)
         self._readers.append(fd)
@@ -1183,11 +1189,10 @@ class RestoreSession:
             # fill the child's missing pages, so refuse loudly instead.
             child_uffd.close()
             raise SessionFailed("unsupported_event", "the target forked but this session cannot adopt children")
-        # The child has no pid yet (the kernel sends the event from inside
-        # fork, before it allocates one): what the parent's children are now
-        # tells the new one apart once it appears.
-        ppid = self.pid
-        before = _children_of(ppid) if ppid else None
+        # The event does not name the child, which may not even be linked
+        # into its parent's children yet: it is told apart later as the one
+        # child that was not there before the first event was read.
+        ppid, before = self.pid, self._known_children
         clones = {id(r): r.clone_for_fork() for r in self.regions}
         maps = [Mapping(m.start, m.end, clones[id(m.region)], m.first) for m in self.mappings]
         self.children += 1
@@ -1219,9 +1224,10 @@ class RestoreSession:
     async def _find_pid(self) -> None:
         """A forked child's pid and pidfd, as its parent's one new child.
 
-        The child is linked into its parent's children right after the fork
-        event is read, so this looks until one pid appears that was not
-        there then and no sibling claimed. Never a guess: when two forks of
+        The child is linked into its parent's children once the fork event
+        is read, so this looks until one pid appears that was not there
+        before the parent's first event was read and that no sibling
+        claimed. Never a guess: when two forks of
         one parent are looked for at once, or the parent exits first (the
         child is reparented), the pid stays unknown and a forced exit falls
         back to searching the first target's descendants. A wrong pid would
@@ -1272,6 +1278,9 @@ class RestoreSession:
             return
         self.pid, self._pidfd = pid, pidfd
         self.log = self.log.bind(pid=pid)
+        # Read before any of this child's own fork events (they wait for
+        # the read), so its children to come are not among them.
+        self._known_children = _children_of(pid)
         if self._loop is not None:
             self._loop.add_reader(pidfd, self._on_target_exit)
             self._readers.append(pidfd)
