@@ -36,6 +36,12 @@ Theory of operation for address-space events (negotiated by the restorer):
 * FORK hands us a new uffd for the child, whose memory is the parent's at
   that instant: installed pages are there, missing ones must still be
   served. The child gets its own session over copies of the page states.
+  The event does not name the child; its session finds the pid among the
+  parent's children afterwards (``_find_pid``) and then watches its pidfd.
+* No event at all announces an ``mprotect`` that splits a registered VMA,
+  and one range ioctl must stay inside one VMA: a run refused with ENOENT
+  is tried again in halves, so pages on both sides of a boundary the
+  session never heard of are served (``_put``).
 """
 
 from __future__ import annotations
@@ -222,10 +228,15 @@ class RestoreSession:
         #: The restorer keeps its own copy of the uffd, so closing ours cannot
         #: make the kernel zero-fill the target (see uffd/fd.py).
         self.keeps_uffd = False
-        #: Pids of this target's forked children that their sessions claimed.
+        #: Pids of this target's forked children that their sessions claimed,
+        #: kept after those end: a child outlives its session, and a
+        #: forgotten pid would be taken for the next fork's child.
         self._child_pids: set[int] = set()
         #: The target's children before any of its fork events was read.
         self._known_children: frozenset[int] | None = None
+        #: A fork's child was not told apart: from then on a new child of this
+        #: target could be that one, so no later child's pid is claimed.
+        self._pid_unsure = False
         #: Children sessions still looking for their pid (see _find_pid).
         self._pid_searches: set[str] = set()
         #: A forked child's: (parent session, parent pid, the parent's
@@ -1226,12 +1237,13 @@ class RestoreSession:
 
         The child is linked into its parent's children once the fork event
         is read, so this looks until one pid appears that was not there
-        before the parent's first event was read and that no sibling
-        claimed. Never a guess: when two forks of
-        one parent are looked for at once, or the parent exits first (the
-        child is reparented), the pid stays unknown and a forced exit falls
-        back to searching the first target's descendants. A wrong pid would
-        be worse than none: that process's exit would close this uffd.
+        before the parent's first event was read, that no sibling claimed
+        and whose memory is registered. Never a guess: when two forks of
+        one parent are looked for at once, or a child was never told apart,
+        or the parent exits first (the child is reparented), the pid stays
+        unknown and a forced exit falls back to searching the first target's
+        descendants. A wrong pid would be worse than none: that process's
+        exit would end this session and close the uffd its child needs.
         """
         assert self._pid_search is not None
         parent, ppid, before = self._pid_search
@@ -1246,11 +1258,19 @@ class RestoreSession:
                 if kids is None or parent._target_exited():
                     why = "the parent exited first"
                     break
-                new = kids - before - parent._child_pids
+                if parent._pid_unsure:
+                    why = "an earlier fork's child was not told apart"
+                    break
+                # Only a process whose memory at our first address is still
+                # registered can be the child: not a helper the target
+                # spawned (and exec'd) meanwhile, which no event announces.
+                first = self.mappings[0].start if self.mappings else 0
+                new = {k for k in kids - before - parent._child_pids if _registered_at(k, first)}
                 if not new:
                     continue
                 if len(new) > 1 or len(parent._pid_searches) > 1:
                     why = f"forks at once, candidates {sorted(new)}"
+                    parent._pid_unsure = True
                     break
                 pid = next(iter(new))
                 try:
@@ -1267,6 +1287,8 @@ class RestoreSession:
                 parent._child_pids.add(pid)
                 self._set_target(pid, pidfd, ppid)
                 return
+            else:
+                parent._pid_unsure = True  # the child may still turn up, unclaimed
         finally:
             parent._pid_searches.discard(self.id)
         self.log.warning("target_pid_unknown", reason=why, parent_pid=ppid)
@@ -1572,6 +1594,27 @@ class RestoreSession:
             "source_errors": st.source_errors,
             "bytes_poisoned": st.bytes_poisoned,
         }
+
+
+def _registered_at(pid: int, addr: int) -> bool:
+    """Whether ``pid``'s mapping at ``addr`` is registered for missing pages
+    (``um`` in its smaps VmFlags)."""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and ":" not in head:
+                    lo, _, hi = head.partition("-")
+                    try:
+                        inside = int(lo, 16) <= addr < int(hi, 16)
+                    except ValueError:
+                        inside = False
+                elif inside and line.startswith("VmFlags:"):
+                    return "um" in line.split()[1:]
+    except OSError:
+        return False
+    return False
 
 
 def _children_of(pid: int) -> frozenset[int] | None:
