@@ -14,8 +14,9 @@ Shutdown order (SIGTERM or SIGINT):
 4. a second signal forces exit: targets of sessions that are still not
    complete and whose uffd only the daemon holds are killed with SIGKILL
    (through a pidfd), and waited for, *before* the fd is closed. A forked
-   child (the fork event does not name it) is found among the target's
-   descendants by its uffd-registered memory. A killed target is a clear
+   child's session usually learns the child's pid soon after the fork (the
+   event does not name it); where it could not, the child is found among
+   the target's descendants by its uffd-registered memory. A killed target is a clear
    failure; silently wrong memory is not an option.
 
 Signals (every one that would end the process by default was decided on,
@@ -206,8 +207,9 @@ class Daemon:
         self.listeners += operator_listeners(self)
         #: Target pid of every session that has one, kept while the session or
         #: any of its forked children's sessions ("ID.1", "ID.1.2"…) lives: a
-        #: child's session has no pid (the fork event does not name it), and a
-        #: forced exit finds the child among this process's descendants.
+        #: child whose session could not tell its pid (forks racing, the
+        #: parent gone first) is found by a forced exit among this process's
+        #: descendants.
         self._roots: dict[str, int] = {}
         self.sessions.on_added.append(self._note_root)
         self.sessions.on_removed.append(self._forget_root)
