@@ -225,7 +225,7 @@ class ExportServer:
     async def _retire(self, exports: list[Export], closing: list[_ExportProtocol]) -> None:
         try:
             await asyncio.gather(*(c.gone.wait() for c in closing))
-            # Transports may still reference mmap-backed memory until closed.
+            # Let aborted transports finish closing before their sources go.
             await asyncio.sleep(0)
         finally:
             for e in exports:
@@ -248,7 +248,7 @@ class ExportServer:
             c.abort()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        # Transports may still reference mmap-backed memory until closed.
+        # Let aborted transports finish closing before their sources go.
         await asyncio.sleep(0)
         for e in self.exports.values():
             self.registry.release(e.source)
