@@ -76,7 +76,10 @@ class SnapshotWriter:
         raw: bool = False,
         workers: int | None = None,
         progress: Progress | None = None,
+        frame_checksums: bool = True,
     ) -> None:
+        """``frame_checksums=False`` writes frames as files made before they
+        carried zstd's content checksum (kept to test that readers take both)."""
         self.chunk_size = chunk_size or default_chunk_size(raw)
         limit = zf.MAX_BLOCK if raw else fmt.MAX_CHUNK
         if not fmt.MIN_CHUNK <= self.chunk_size <= limit or self.chunk_size % fmt.MIN_CHUNK:
@@ -89,6 +92,8 @@ class SnapshotWriter:
         self.path = Path(path)
         self.raw = raw
         self.level = level
+        self.frame_checksums = frame_checksums
+        self._zero_frames: dict[int, bytes] = {}
         self._progress = progress
         self._tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -161,7 +166,9 @@ class SnapshotWriter:
         if data is not None and not isinstance(data, bytes):
             data = bytes(data)  # memoryview comparisons go byte by byte; bytes use memcmp
         if data is None or data == self._zeros(length):
-            return _Encoded(fmt.ChunkKind.ZERO, None, zf.zero_frame(length), b"\1" * pages, self._zero_digest(length))
+            return _Encoded(
+                fmt.ChunkKind.ZERO, None, self._zero_frame(length), b"\1" * pages, self._zero_digest(length)
+            )
         zero_page = bytes(page_size)
         flags = bytes(data[p : p + page_size] == zero_page for p in range(0, length, page_size))
         digest = fmt.checksum(data)
@@ -169,7 +176,10 @@ class SnapshotWriter:
             return _Encoded(fmt.ChunkKind.RAW, data, b"", flags, digest)
         cctx = getattr(self._local, "cctx", None)
         if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            # zstd's own content checksum lets `zstd -t` / `zstd -d` see damage too.
+            cctx = self._local.cctx = zstandard.ZstdCompressor(
+                level=self.level, write_content_size=True, write_checksum=self.frame_checksums
+            )
         return _Encoded(fmt.ChunkKind.ZSTD, None, cctx.compress(data), flags, digest)
 
     def _zeros(self, length: int) -> bytes:
@@ -177,6 +187,12 @@ class SnapshotWriter:
         if z is None:
             z = self._zero_chunks[length] = bytes(length)
         return z
+
+    def _zero_frame(self, length: int) -> bytes:
+        f = self._zero_frames.get(length)
+        if f is None:
+            f = self._zero_frames[length] = zf.zero_frame(length, self.frame_checksums)
+        return f
 
     def _zero_digest(self, length: int) -> bytes:
         d = self._zero_digests.get(length)

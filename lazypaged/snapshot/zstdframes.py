@@ -7,7 +7,8 @@ hand because the library cannot make them:
 
 - a *raw* frame: one uncompressed block whose payload lands on a page
   boundary in the file, so the page cache can be handed to UFFDIO_COPY as is;
-- an *RLE* frame of zeros: a few bytes that decode to a whole zero chunk.
+- an *RLE* frame of zeros: a few bytes that decode to a whole zero chunk,
+  with zstd's content checksum so that ``zstd -t`` notices a damaged one.
 
 Layouts follow RFC 8878 (frame header, block header) and zstd's seekable
 format (seek table in a skippable frame at the very end of the file).
@@ -16,6 +17,8 @@ format (seek table in a skippable frame at the very end of the file).
 from __future__ import annotations
 
 import struct
+
+import xxhash
 
 ZSTD_MAGIC = 0xFD2FB528
 #: Skippable frames use magics 0x184D2A50..0x184D2A5F; lazypaged takes the first.
@@ -30,6 +33,8 @@ MAX_BLOCK = 128 << 10
 
 # Frame header descriptor: single segment (bit 5), 4-byte content size (flag 2).
 _FHD = (2 << 6) | (1 << 5)
+#: Descriptor bit 2: a 4-byte content checksum follows the last block.
+FHD_CHECKSUM = 1 << 2
 _FRAME_HEADER = struct.Struct("<IBI")  # magic, descriptor, content size
 _SKIP_HEADER = struct.Struct("<II")
 _FOOTER = struct.Struct("<IBI")
@@ -51,16 +56,24 @@ def raw_frame_prefix(length: int) -> bytes:
     return _FRAME_HEADER.pack(ZSTD_MAGIC, _FHD, length) + _block_header(True, _BLOCK_RAW, length)
 
 
-def zero_frame(length: int) -> bytes:
-    """A frame that decodes to ``length`` zero bytes (RLE blocks, 4 bytes each)."""
+def content_checksum(data: bytes | bytearray | memoryview) -> bytes:
+    """zstd's frame content checksum: the low 32 bits of XXH64 (seed 0), little-endian."""
+    return (xxhash.xxh64_intdigest(data) & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def zero_frame(length: int, checksum: bool = True) -> bytes:
+    """A frame that decodes to ``length`` zero bytes (RLE blocks, 4 bytes each),
+    ending in the content checksum unless ``checksum`` is false (older files)."""
     if length <= 0:
         raise ValueError("zero frame needs a positive length")
-    out = bytearray(_FRAME_HEADER.pack(ZSTD_MAGIC, _FHD, length))
+    out = bytearray(_FRAME_HEADER.pack(ZSTD_MAGIC, _FHD | (FHD_CHECKSUM if checksum else 0), length))
     left = length
     while left:
         n = min(left, MAX_BLOCK)
         left -= n
         out += _block_header(left == 0, _BLOCK_RLE, n) + b"\0"
+    if checksum:
+        out += content_checksum(bytes(length))
     return bytes(out)
 
 
