@@ -9,8 +9,11 @@ streams in.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -66,18 +69,88 @@ sys.exit(0 if ok else 1)
 """
 
 
+#: Largest image the demo writes: it is written to the temp directory and
+#: read whole into the target's memory besides, so a typo must not fill a disk.
+MAX_SIZE_MIB = 65536
+
+
+class DemoError(Exception):
+    """A reason the demo cannot go on, printed as one line."""
+
+
+def size_mib_arg(text: str) -> int:
+    """Parse ``--size-mib`` so a bad value is a usage error, not a traceback."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of MiB: {text!r}") from None
+    try:
+        return check_size(value)
+    except DemoError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_size(size_mib: int) -> int:
+    """Refuse sizes the demo cannot serve (0 or less, or absurdly large)."""
+    if size_mib < 1:
+        raise DemoError(f"--size-mib must be at least 1 (got {size_mib})")
+    if size_mib > MAX_SIZE_MIB:
+        raise DemoError(f"--size-mib must be at most {MAX_SIZE_MIB} (got {size_mib})")
+    return size_mib
+
+
 def run(size_mib: int = 256, *, keep_serving: bool = True) -> int:
-    """Run the demo; with ``keep_serving`` the daemon stays up afterwards."""
+    """Run the demo; with ``keep_serving`` the daemon stays up afterwards.
+
+    Returns 2 for a bad size, 1 when the daemon or its target fails (the
+    demo then stops at once instead of serving on), and the target's exit
+    status otherwise. The scratch directory, with the image and the
+    working-set record the restore writes beside it, is removed on every
+    exit path, Ctrl-C included.
+    """
+    try:
+        check_size(size_mib)
+    except DemoError as e:
+        print(f"lazypaged demo: {e}", file=sys.stderr)
+        return 2
+    try:
+        work = Path(tempfile.mkdtemp(prefix="lazypaged-demo-"))
+    except OSError as e:
+        print(f"lazypaged demo: cannot make a scratch directory: {e}", file=sys.stderr)
+        return 1
+    t0 = time.monotonic()
+    try:
+        rc = _run_in(work, size_mib, keep_serving)
+    except DemoError as e:
+        print(f"lazypaged demo: {e}", file=sys.stderr)
+        rc = 1
+    except KeyboardInterrupt:
+        # Ctrl-C before the daemon's own handler is installed (while the
+        # image is written): still a clean stop, with the directory removed.
+        print("lazypaged demo: interrupted", file=sys.stderr)
+        rc = 130
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"lazypaged demo: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+def _run_in(work: Path, size_mib: int, keep_serving: bool) -> int:
+    """The demo inside its scratch directory; failures raise DemoError."""
     from .config import Config, SessionConfig
     from .daemon import Daemon, new_event_loop
     from .log import setup
 
-    work = Path(tempfile.mkdtemp(prefix="lazypaged-demo-"))
     image = work / "snapshots" / "demo.img"
     image.parent.mkdir()
     size = size_mib << 20
     print(f"lazypaged demo: writing a {size_mib} MiB demo image to {image}", file=sys.stderr)
-    make_image(image, size)
+    try:
+        make_image(image, size)
+    except OSError as e:
+        raise DemoError(f"cannot write the demo image {image}: {e}") from None
     cfg = Config(
         handoff_socket=work / "handoff.sock",
         snapshot_dirs=(image.parent,),
@@ -88,33 +161,59 @@ def run(size_mib: int = 256, *, keep_serving: bool = True) -> int:
     setup(cfg.log_format, cfg.log_level)
     loop = new_event_loop()
     daemon = Daemon(cfg)
-    result = {"rc": 1}
+    result: dict[str, int | str] = {"rc": 1}
 
     async def restore_once() -> None:
-        await daemon.ready.wait()
-        proc = await __import__("asyncio").create_subprocess_exec(
-            sys.executable, "-c", TARGET, str(cfg.handoff_socket), "demo.img", str(size), str(image)
-        )
-        result["rc"] = await proc.wait()
-        if not keep_serving:
-            daemon.request_stop()
-        else:
-            print(
-                f"lazypaged demo: daemon still serving on {cfg.handoff_socket} (Ctrl-C to stop)",
-                file=sys.stderr,
-            )
+        try:
+            await daemon.ready.wait()
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", TARGET, str(cfg.handoff_socket), "demo.img", str(size), str(image)
+                )
+            except OSError as e:
+                result["error"] = f"cannot start the target process ({sys.executable}): {e}"
+                daemon.request_stop()
+                return
+            rc = await proc.wait()
+            result["rc"] = rc
+            if rc != 0:
+                # A failed target is the end of the demo, whatever --once says:
+                # serving on would only hide the failure behind a live daemon.
+                how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+                result["error"] = f"the target process {how}; see its error above"
+                daemon.request_stop()
+            elif not keep_serving:
+                daemon.request_stop()
+            else:
+                print(
+                    f"lazypaged demo: daemon still serving on {cfg.handoff_socket} (Ctrl-C to stop)",
+                    file=sys.stderr,
+                )
+        except BaseException as e:
+            if not isinstance(e, asyncio.CancelledError):
+                result["error"] = f"demo failed: {e!r}"
+                daemon.request_stop()
+            raise
 
     async def main() -> None:
         task = loop.create_task(restore_once())
-        await daemon.run()
-        task.cancel()
+        try:
+            await daemon.run()
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
 
-    t0 = time.monotonic()
     try:
         loop.run_until_complete(main())
+    except OSError as e:
+        # The daemon could not start (its socket cannot be bound, say): one
+        # line, not a traceback, and no wait for a target that never comes.
+        raise DemoError(f"the daemon could not start: {e}") from None
     finally:
         loop.close()
-        for p in (image, cfg.handoff_socket):
-            p.unlink(missing_ok=True)
-    print(f"lazypaged demo: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return result["rc"]
+    if "error" in result:
+        raise DemoError(str(result["error"]))
+    rc = result["rc"]
+    assert isinstance(rc, int)
+    return rc
