@@ -126,6 +126,10 @@ def run(size_mib: int = 256, *, keep_serving: bool = True) -> int:
     except DemoError as e:
         print(f"lazypaged demo: {e}", file=sys.stderr)
         rc = 1
+    except OSError as e:
+        # Setting up the daemon itself failed (its state directory, say).
+        print(f"lazypaged demo: {e}", file=sys.stderr)
+        rc = 1
     except KeyboardInterrupt:
         # Ctrl-C before the daemon's own handler is installed (while the
         # image is written): still a clean stop, with the directory removed.
