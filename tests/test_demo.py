@@ -133,3 +133,17 @@ def test_target_that_cannot_start_ends_the_demo(shared_tmp: Path) -> None:
     assert any("target process" in line for line in _own_lines(err)), err
     assert "daemon still serving" not in err
     assert list(shared_tmp.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_the_image_leaves_nothing_behind(scratch: Path) -> None:
+    # 1 GiB takes long enough to write that the interrupt lands mid-image;
+    # landing later (the daemon then handles it) must end the same way.
+    proc = _demo("--size-mib", "1024", "--once", tmpdir=scratch)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    assert "writing a 1024 MiB demo image" in line, line
+    proc.send_signal(signal.SIGINT)
+    rc, _out, err = _finish(proc)
+    assert rc != 0 or ": correct" in _out, err
+    assert "Traceback" not in err, err
+    assert list(scratch.iterdir()) == []
