@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_config:
             print(f"lazypaged: configuration {args.config or '(built-in defaults)'} is valid")
             return EXIT_OK
-        return serve(cfg, lambda: serve_config(args))
+        return serve(cfg, lambda: serve_config(args), args.config)
     if args.command == "demo":
         from .demo import run
 

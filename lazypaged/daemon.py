@@ -51,13 +51,16 @@ import os
 import resource
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
+from . import __version__
 from . import log as logsetup
 from .access import SocketOwner
 from .adopt import Custody
@@ -180,8 +183,11 @@ def _users(key: str) -> tuple[str, ...]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, loader: Callable[[], Config] | None = None) -> None:
+    def __init__(self, cfg: Config, loader: Callable[[], Config] | None = None,
+                 config_path: Path | None = None) -> None:
         self.cfg = cfg
+        #: Only for the ``started`` line: None means the built-in defaults.
+        self.config_path = config_path
         #: Builds the configuration again on SIGHUP: the file named at start
         #: plus the command line's overrides.
         self.loader = loader
@@ -221,6 +227,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self.ready = asyncio.Event()
+        #: What the listener being started binds, so a start failure without
+        #: a file name in its error (bind(2) gives none) can still name it.
+        self.starting: str | None = None
 
     def _note_root(self, s: RestoreSession) -> None:
         if s.pid:
@@ -332,14 +341,22 @@ class Daemon:
             loop.add_signal_handler(other, self._signal, other)
         try:
             try:
-                await self.handoff.start(_inherited_socket())
+                inherited = _inherited_socket()
+                self.starting = None if inherited else str(self.cfg.handoff_socket)
+                await self.handoff.start(inherited)
                 self._started.append(self.handoff)
                 for listener in self.listeners:
+                    self.starting = _bind_path(listener)
                     await listener.start()
                     self._started.append(listener)
+                self.starting = None
             except Exception as e:
                 await self._start_failed(e)
                 raise
+            self._check_snapshot_dirs()
+            self.log.info("started", version=__version__,
+                          config=str(self.config_path) if self.config_path else "defaults",
+                          listeners=self._addresses(inherited is not None))
             notify("READY=1\nSTATUS=listening")
             self.ready.set()
             if on_ready is not None:
@@ -357,6 +374,22 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             ignore_signals()  # removing a handler restores the default: not for these
         return 0
+
+    def _addresses(self, activated: bool) -> list[str]:
+        """Where the started daemon can be reached, one entry per listener."""
+        out = [f"handoff {self.cfg.handoff_socket}" + (" (socket activation)" if activated else "")]
+        for x in self._started[1:]:
+            if (where := _listener_address(x)) is not None:
+                out.append(where)
+        return out
+
+    def _check_snapshot_dirs(self) -> None:
+        """A snapshot dir the daemon cannot read fails every restore from
+        it; said once at start, with what to change, rather than only in
+        each refused request."""
+        for d in self.cfg.snapshot_dirs:
+            if d.is_dir() and not os.access(d, os.R_OK | os.X_OK, effective_ids=True):
+                self.log.warning("snapshot_dir_unreadable", path=str(d), fix=access_fix(d, "read"))
 
     async def _start_failed(self, e: Exception) -> None:
         """A listener could not start after sessions were already adopted
@@ -419,6 +452,107 @@ class Daemon:
         finally:
             for w in waits:
                 w.cancel()
+
+
+def _bind_path(listener: object) -> str | None:
+    """The socket path a listener creates when it starts, if it has one."""
+    path = getattr(listener, "path", None)
+    return str(path) if isinstance(path, (str, Path)) else None
+
+
+def _listener_address(x: object) -> str | None:
+    """``kind address`` of a started listener; None for parts that listen nowhere."""
+    from .control import ControlServer
+    from .criu.server import CriuListener
+    from .metrics import MetricsServer
+    from .peer_server import ExportServer
+
+    if isinstance(x, FirecrackerServer):
+        return f"firecracker {x.path}"
+    if isinstance(x, ControlServer):
+        return f"control {x.path}"
+    if isinstance(x, MetricsServer):
+        return f"metrics {x.host or '*'}:{x.port}"
+    if isinstance(x, ExportServer):
+        host, port = x.address
+        return f"export {host}:{port}"
+    if isinstance(x, CriuListener):
+        return f"criu {x._path}"
+    return None
+
+
+def _owner(st: os.stat_result) -> str:
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group}"
+
+
+def blocking_path(path: Path, need: str) -> tuple[Path, str] | None:
+    """The first directory on the way to ``path`` (or ``path`` itself) that
+    this process may not use as it must, and the access it lacks: "search"
+    on an ancestor, "write" on the directory a missing path is created in,
+    ``need`` on an existing one."""
+    path = Path(os.path.abspath(path))
+    chain = [*reversed(path.parents), path]
+    for i, p in enumerate(chain):
+        if not p.exists():
+            parent = chain[i - 1] if i else Path("/")
+            if not os.access(parent, os.W_OK | os.X_OK, effective_ids=True):
+                return parent, "write"
+            return None
+        if p != path and not os.access(p, os.X_OK, effective_ids=True):
+            return p, "search"
+    mode = os.R_OK if need == "read" else os.W_OK
+    if not os.access(path, mode, effective_ids=True):
+        return path, need
+    if need == "write" and not os.access(path.parent, os.W_OK | os.X_OK, effective_ids=True):
+        return path.parent, "write"  # replacing a stale socket file unlinks it
+    return None
+
+
+def access_fix(path: Path, need: str) -> str:
+    """What to change so the daemon may ``need`` (read or write) ``path``: one line."""
+    found = blocking_path(path, need)
+    if found is None:
+        return f"check the owner and mode of {path} and of the directories above it"
+    where, lacks = found
+    try:
+        st = where.stat()
+        what = f"{where} is {_owner(st)} mode {stat.S_IMODE(st.st_mode):04o}"
+    except OSError:
+        what = str(where)
+    me = os.geteuid()
+    if me == 0:
+        who = "root without CAP_DAC_OVERRIDE (as under the systemd unit)"
+        how = f"chown it to root or give it {lacks} permission for its owner"
+    else:
+        who = f"uid {me}"
+        how = f"run the daemon as root, or chown/chmod it so uid {me} has {lacks} permission"
+    return f"{what} and the daemon runs as {who}: {how}"
+
+
+def start_error(e: OSError, cfg: Config, starting: str | None) -> tuple[str, dict[str, str]]:
+    """The one line ``serve`` prints when it cannot start, and its fields."""
+    if not isinstance(e, PermissionError):
+        return f"cannot start: {e}", {}
+    name = e.filename if isinstance(e.filename, str) else starting
+    if name is None:
+        return f"cannot start: {e.strerror or e}: run as root or check the configured addresses", {}
+    path = Path(name)
+    mem = cfg.firecracker.mem_file
+    read = (mem and path == Path(mem)) or any(path.is_relative_to(d) for d in cfg.snapshot_dirs)
+    need = "read" if read else "write"
+    fix = access_fix(path, need)
+    return f"cannot start: permission denied on {path}", {"path": str(path), "fix": fix}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -541,17 +675,23 @@ def _admits_info(level: str) -> bool:
     return logsetup.level_number(level) <= logsetup.level_number("info")
 
 
-def serve(cfg: Config, loader: Callable[[], Config] | None = None) -> int:
+def serve(cfg: Config, loader: Callable[[], Config] | None = None, config_path: Path | None = None) -> int:
     """Run the daemon; ``loader`` builds the configuration again on SIGHUP."""
     ignore_signals()
     logsetup.setup(cfg.log_format, cfg.log_level)
     _raise_fd_limit()
     loop = new_event_loop()
+    daemon: Daemon | None = None
     try:
-        return loop.run_until_complete(Daemon(cfg, loader).run())
-    except OSError as e:  # a socket in use, a missing file: nothing was served yet
-        structlog.get_logger().error("cannot_start", error=str(e))
-        print(f"lazypaged: {e}", file=sys.stderr)
+        daemon = Daemon(cfg, loader, config_path)
+        return loop.run_until_complete(daemon.run())
+    except OSError as e:  # a socket in use, a missing file, no permission: nothing was served yet
+        line, fields_ = start_error(e, cfg, daemon.starting if daemon else None)
+        # One line either way: plain for a person at a terminal, a log record otherwise.
+        if logsetup.current_format() == "console":
+            print(f"lazypaged: {line}" + (f": {fields_['fix']}" if "fix" in fields_ else ""), file=sys.stderr)
+        else:
+            structlog.get_logger().error("cannot_start", error=line, **fields_)
         return 1
     finally:
         loop.close()

@@ -1,5 +1,11 @@
 """structlog setup: JSON lines for machines and journald, console for people.
 
+On a stderr that systemd connected to the journal (``JOURNAL_STREAM``),
+every line starts with its syslog priority (``<4>`` for a warning): journald
+strips it and stores it as PRIORITY=, so ``journalctl -p warning`` finds the
+daemon's warnings. Anywhere else (a terminal, a file, a pipe) lines stay
+plain.
+
 The level is one process-wide threshold read at each call, not baked into
 loggers when they are bound: sessions and listeners bind theirs once, and a
 reload (SIGHUP) must still change what all of them write.
@@ -8,6 +14,7 @@ reload (SIGHUP) must still change what all of them write.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -15,6 +22,11 @@ import structlog
 
 _LEVELS = logging.getLevelNamesMapping()
 _threshold = logging.INFO
+#: The format chosen by the last setup(), "auto" resolved.
+_format = "json"
+
+#: Syslog priority of each method a line is written with.
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2}
 
 
 def level_number(level: str) -> int:
@@ -70,10 +82,39 @@ class _Logger(structlog.BoundLoggerBase):
     msg = info
 
 
+def is_journal(stream: Any) -> bool:
+    """Whether ``stream`` is the journal stream systemd gave this process.
+
+    JOURNAL_STREAM is inherited by children whose stderr may go elsewhere,
+    so the device and inode it names must be those of the stream itself."""
+    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return bool(sep) and (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (AttributeError, OSError, ValueError):  # no fd (a StringIO), a closed one, a malformed variable
+        return False
+
+
+def _priority_prefix(_logger: Any, method: str, line: Any) -> Any:
+    """The rendered line with ``<N>`` before each of its lines (a console
+    traceback spans several, and journald reads the prefix per line)."""
+    if not isinstance(line, str):
+        return line
+    prefix = f"<{SYSLOG_PRIORITY.get(method, 6)}>"
+    return "\n".join(prefix + part for part in line.split("\n"))
+
+
+def current_format() -> str:
+    """"json" or "console": what the daemon's log lines look like now."""
+    return _format
+
+
 def setup(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    global _format
     stream = stream or sys.stderr
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
+    _format = fmt
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=stream.isatty())
         if fmt == "console"
@@ -90,6 +131,7 @@ def setup(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
+            *([_priority_prefix] if is_journal(stream) else []),
         ],
         wrapper_class=_Logger,
         logger_factory=structlog.PrintLoggerFactory(stream),
