@@ -38,7 +38,12 @@ class _LibZstd:
     streaming reader (several Python steps per chunk) or into a fresh bytes
     object that must then be copied. ``ZSTD_decompressDCtx`` writes the chunk
     straight into its slot, never past ``capacity``, with the GIL released for
-    the whole call. One decoding context per thread; freed with the thread."""
+    the whole call. One decoding context per thread; freed with the thread.
+
+    Serving skips zstd's own 32-bit content checksum: every decoded chunk is
+    compared with its XXH3-128 anyway, and XXH64 over the output would double
+    the decode time. :meth:`SnapshotReader.verify` asks for it, so that it
+    fails every frame `zstd -t` fails."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self._lib = lib
@@ -58,35 +63,47 @@ class _LibZstd:
         lib.ZSTD_isError.argtypes = [ctypes.c_size_t]
         lib.ZSTD_getErrorName.restype = ctypes.c_char_p
         lib.ZSTD_getErrorName.argtypes = [ctypes.c_size_t]
+        lib.ZSTD_DCtx_setParameter.restype = ctypes.c_size_t
+        lib.ZSTD_DCtx_setParameter.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._local = threading.local()
 
-    def decompress_into(self, dst: memoryview, frame: memoryview) -> tuple[int, str]:
+    def decompress_into(self, dst: memoryview, frame: memoryview, frame_checksum: bool = False) -> tuple[int, str]:
         """Decode ``frame`` (one zstd frame, nothing after it) into ``dst``:
         (bytes written, "") or (0, libzstd's reason)."""
         out = ctypes.addressof(ctypes.c_char.from_buffer(dst))
         src = ctypes.addressof(ctypes.c_char.from_buffer(frame))
-        r = self.decode(out, len(dst), src, len(frame))
+        r = self.decode(out, len(dst), src, len(frame), frame_checksum)
         if self._lib.ZSTD_isError(r):
             return 0, self._lib.ZSTD_getErrorName(r).decode(errors="replace")
         return r, ""
 
-    def decode(self, out: int, capacity: int, src: int, size: int) -> int:
+    def decode(self, out: int, capacity: int, src: int, size: int, frame_checksum: bool = False) -> int:
         """The raw call: bytes written, or a libzstd error code (a number far
         above any chunk size). Addresses must stay valid during the call."""
-        ctx: _DCtx | None = getattr(self._local, "ctx", None)
+        slot = "checking" if frame_checksum else "ctx"
+        ctx: _DCtx | None = getattr(self._local, slot, None)
         if ctx is None:
-            ctx = self._local.ctx = _DCtx(self._lib)
+            ctx = _DCtx(self._lib, skip_checksum=not frame_checksum)
+            setattr(self._local, slot, ctx)
         return int(self._lib.ZSTD_decompressDCtx(ctx.ptr, out, capacity, src, size))
+
+
+#: ZSTD_d_forceIgnoreChecksum (ZSTD_d_experimentalParam3) and its value ZSTD_d_ignoreChecksum.
+_D_FORCE_IGNORE_CHECKSUM, _D_IGNORE_CHECKSUM = 1002, 1
 
 
 class _DCtx:
     """A libzstd decoding context, freed when its thread's locals go."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, skip_checksum: bool = False) -> None:
         self._lib = lib
         self.ptr = lib.ZSTD_createDCtx()
         if not self.ptr:
             raise MemoryError("ZSTD_createDCtx failed")
+        if skip_checksum:
+            # A libzstd without the parameter (before 1.4.7) refuses it and
+            # goes on checking: slower, never less safe.
+            lib.ZSTD_DCtx_setParameter(self.ptr, _D_FORCE_IGNORE_CHECKSUM, _D_IGNORE_CHECKSUM)
 
     def __del__(self) -> None:
         self._lib.ZSTD_freeDCtx(self.ptr)
@@ -259,12 +276,16 @@ class SnapshotReader:
         except OSError:
             return None
 
-    def chunk_into(self, i: int, out: bytearray | memoryview, frame: memoryview | None = None) -> None:
+    def chunk_into(
+        self, i: int, out: bytearray | memoryview, frame: memoryview | None = None, *, frame_checksum: bool = False
+    ) -> None:
         """Decode chunk ``i`` into the start of ``out`` and verify it; ChunkError otherwise.
 
         Decoding into a caller's buffer lets sources recycle buffers: a fresh
         allocation per chunk costs more (page faults) than zstd itself.
-        ``frame``, if given, is the chunk's frame already read from the file."""
+        ``frame``, if given, is the chunk's frame already read from the file.
+        ``frame_checksum`` also checks zstd's own checksum, which the XXH3-128
+        makes redundant for the bytes (see :class:`_LibZstd`)."""
         c = self.index.chunks[i]
         dst = memoryview(out)[: c.length]
         if len(dst) != c.length:
@@ -279,7 +300,7 @@ class SnapshotReader:
                 raise self.error(i, "raw frame header damaged")
             dst[:] = frame[c.data_offset :]
         else:
-            self._decompress_into(i, c, frame, dst)
+            self._decompress_into(i, c, frame, dst, frame_checksum)
         self.check(i, dst)
 
     def _read_frame(self, i: int, c: Chunk) -> memoryview:
@@ -298,7 +319,9 @@ class SnapshotReader:
             raise self.error(i, f"short read ({n} of {c.frame_size} bytes): file truncated while open?")
         return view
 
-    def _decompress_into(self, i: int, c: Chunk, frame: memoryview, dst: memoryview) -> None:
+    def _decompress_into(
+        self, i: int, c: Chunk, frame: memoryview, dst: memoryview, frame_checksum: bool = False
+    ) -> None:
         """Decode the frame into ``dst``, which must come out exactly full.
 
         The frame must declare the chunk's size. With libzstd at hand the
@@ -313,7 +336,7 @@ class SnapshotReader:
             raise self.error(i, f"frame declares {declared} bytes, the index says {c.length}")
         direct = _libzstd()
         if direct is not None and not frame.readonly and not dst.readonly:
-            n, failure = direct.decompress_into(dst, frame)
+            n, failure = direct.decompress_into(dst, frame, frame_checksum)
             if failure:
                 raise self.error(i, f"zstd: {failure}")
         else:
@@ -360,12 +383,13 @@ class SnapshotReader:
                     frame = self._read_frame(i, c)
                     zeros = zero_cache.setdefault(c.length, bytes(c.length))
                     out = bytearray(c.length)
-                    self._decompress_into(i, c, frame, memoryview(out))
+                    self._decompress_into(i, c, frame, memoryview(out), frame_checksum=True)
                     if out != zeros:
                         raise self.error(i, "zero chunk's frame does not decode to zeros")
                     yield c.length
                     continue
-                data = self.chunk(i)
+                data = bytearray(c.length)
+                self.chunk_into(i, data, frame_checksum=True)
                 page = region.page_size
                 zero_page = bytes(page)
                 for p, flag in enumerate(self.zero_flags(i)):
