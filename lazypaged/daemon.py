@@ -496,6 +496,18 @@ def _owner(st: os.stat_result) -> str:
     return f"{user}:{group}"
 
 
+def _has_dac_override() -> bool:
+    """Whether this process's effective capabilities include CAP_DAC_OVERRIDE."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) & (1 << 1))
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def blocking_path(path: Path, need: str) -> tuple[Path, str] | None:
     """The first directory on the way to ``path`` (or ``path`` itself) that
     this process may not use as it must, and the access it lacks: "search"
@@ -531,9 +543,12 @@ def access_fix(path: Path, need: str) -> str:
     except OSError:
         what = str(where)
     me = os.geteuid()
-    if me == 0:
+    if me == 0 and not _has_dac_override():
         who = "root without CAP_DAC_OVERRIDE (as under the systemd unit)"
-        how = f"chown it to root or give it {lacks} permission for its owner"
+        how = f"chown it to root, or chmod it so others have {lacks} permission"
+    elif me == 0:
+        who = "root"
+        how = "root itself is refused there: check the filesystem (a root-squashed mount, a security module)"
     else:
         who = f"uid {me}"
         how = f"run the daemon as root, or chown/chmod it so uid {me} has {lacks} permission"

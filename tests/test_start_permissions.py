@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -83,6 +84,24 @@ def test_socket_dir_not_writable_names_the_path_and_the_fix(place: Path, mode: i
     assert f"{locked} is root:root mode {mode:04o}" in text
     assert "run the daemon as root" in text
     assert f"uid {NOBODY} has {lacks} permission" in text
+
+
+def test_root_without_dac_override_is_told_to_chown(place: Path) -> None:
+    """Under the unit the daemon is root without CAP_DAC_OVERRIDE: "run as
+    root" would be no help there, the directory's owner or mode is."""
+    theirs = place / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, NOBODY, NOBODY)
+    cfg = _config(place, theirs, "json")
+    r = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all,+kill,+lease", sys.executable, "-m",
+                        "lazypaged", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r
+    (line,) = r.stderr.splitlines()
+    rec = json.loads(line)
+    assert rec["path"] == str(theirs / "handoff.sock")
+    assert f"{theirs} is {pwd.getpwuid(NOBODY).pw_name}:" in rec["fix"]
+    assert "root without CAP_DAC_OVERRIDE" in rec["fix"]
+    assert "chown it to root" in rec["fix"]
 
 
 def test_unreadable_snapshot_dir_is_a_warning_and_the_daemon_serves(place: Path) -> None:

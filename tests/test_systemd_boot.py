@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -215,6 +216,21 @@ def _activate_serve_stop(c: Container) -> None:
     assert c.show("lazypaged.service", "NRestarts") == "0"
     _restore(c)
 
+    # Levels reach the journal: a signal_ignored warning is PRIORITY=4 and
+    # `journalctl -p warning` shows it, and no info line.
+    c.run("systemctl", "kill", "-s", "USR1", "lazypaged.service")
+    deadline = time.monotonic() + 30
+    while not _daemon_events(c, "signal_ignored"):
+        assert time.monotonic() < deadline, "no signal_ignored line in the journal"
+        time.sleep(0.2)
+    warned = c.run("journalctl", "-u", "lazypaged.service", "-p", "warning", "-o", "cat", "--no-pager").stdout
+    warned_lines = [json.loads(x) for x in warned.splitlines() if x.startswith("{")]
+    assert "signal_ignored" in {x["event"] for x in warned_lines}, warned
+    assert all(x["level"] in ("warning", "error", "critical") for x in warned_lines), warned
+    (started,) = _daemon_events(c, "started")
+    assert started["config"] == "/etc/lazypaged/lazypaged.toml"
+    assert "handoff /run/lazypaged/handoff.sock (socket activation)" in started["listeners"]  # type: ignore[operator]
+
     c.run("systemctl", "stop", "lazypaged.service", timeout=150)
     assert c.show("lazypaged.service", "ActiveState") == "inactive"
     assert c.show("lazypaged.service", "Result") == "success"
@@ -230,6 +246,16 @@ def _activate_serve_stop(c: Container) -> None:
         if x.get("session") == accepted["accepted"]:
             assert x["kind"] == "native"
             assert x["pid"] == accepted["pid"]
+    # The recipe of docs/operations.md, with the host's jq on the container's
+    # journal: systemd's own lines about the unit are not JSON and are skipped.
+    if shutil.which("jq"):
+        journal = c.run("journalctl", "-u", "lazypaged", "-o", "cat", "--no-pager").stdout
+        assert not all(x.startswith("{") for x in journal.splitlines() if x)  # why the recipe needs fromjson?
+        r = subprocess.run(["jq", "-cR", 'fromjson? | select(.event=="session_ended")'], input=journal,
+                           capture_output=True, text=True, check=True)
+        ended = [json.loads(x) for x in r.stdout.splitlines()]
+        assert len(ended) == 2, r.stdout
+        assert accepted["accepted"] in {x["session"] for x in ended}, r.stdout
 
 
 def _daemon_events(c: Container, event: str) -> list[dict[str, object]]:
