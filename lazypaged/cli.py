@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .demo import size_mib_arg
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -34,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="validate the configuration (with these overrides), print one line, exit 0 or 1")
 
     demo = sub.add_parser("demo", help="make a demo image, serve it and restore a process from it")
-    demo.add_argument("--size-mib", type=int, default=256, help="demo image size (default 256)")
+    demo.add_argument("--size-mib", type=size_mib_arg, default=256, metavar="MIB",
+                      help="demo image size (default 256)")
     demo.add_argument("--once", action="store_true", help="exit after the demo restore instead of serving on")
 
     feats = sub.add_parser("features", help="print the userfaultfd features this kernel offers")
@@ -112,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         except UffdError as e:
             print(f"lazypaged: cannot create a userfaultfd: {e}", file=sys.stderr)
             return EXIT_FAIL
+        from .features import SINCE, describe
+
         if args.json:
-            print(json.dumps({"features": abi.feature_names(features), "ioctls": abi.ioctl_names(ioctls)}))
+            since = {name: f"{v[0][0]}.{v[0][1]}" for name, v in SINCE.items()}
+            print(json.dumps({"features": abi.feature_names(features), "ioctls": abi.ioctl_names(ioctls),
+                              "since": since}))
         else:
             print("features:", " ".join(abi.feature_names(features)))
             print("ioctls:  ", " ".join(abi.ioctl_names(ioctls)))
+            print("\n".join(describe(features)))
         return EXIT_OK
     if args.command == "criu-lazy-pages":
         from .criu.cli import run as run_criu
