@@ -100,3 +100,43 @@ def test_without_a_loop_bytes_are_read_not_mapped(image: tuple[Path, bytes]) -> 
             src.extents(SIZE - PAGE, PAGE)
     finally:
         src.close()
+
+
+def test_a_lease_back_between_two_looks_still_serves_bytes_below_the_cut(image: tuple[Path, bytes]) -> None:
+    """A truncate ends between the refusal of a lease and the next look:
+    the range below the new end is served, never taken for shrunk away
+    (under sigbus such a read poisoned good pages below the cut)."""
+    path, data = image
+    cut = SIZE // 2 + 100
+
+    async def main() -> None:
+        src = RawImageSource(path)
+        try:
+            src.extents(0, PAGE)  # served under a lease
+            # Opened from a thread: the open waits for the loop to let the lease go.
+            writer = await asyncio.to_thread(os.open, path, os.O_WRONLY)  # no lease while it is open
+            lease = src._lease
+            real = lease.valid
+            calls = 0
+
+            def refused_then_writer_gone() -> bool:
+                nonlocal calls
+                calls += 1
+                ok = real()
+                if calls == 1:
+                    assert not ok  # a writer has the file open: no lease
+                    os.ftruncate(writer, cut)
+                    os.close(writer)  # the truncate is over
+                return ok
+
+            assert not lease._held
+            lease.valid = refused_then_writer_gone  # type: ignore[method-assign]
+            ext = src.extents(0, SIZE // 2)
+            assert calls >= 2
+            assert gather(ext) == data[: SIZE // 2]
+            with pytest.raises(SourceError, match="shrank"):
+                src.extents(0, SIZE)
+        finally:
+            src.close()
+
+    asyncio.run(main())

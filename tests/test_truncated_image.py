@@ -187,7 +187,10 @@ def _rounds(tmp_path: Path, rounds: int, seed: int) -> None:
             assert res["wrong_pages"] == 0, detail
             poisoned = res["poisoned"]
             assert isinstance(poisoned, list)
-            assert all(first >= cut // PAGE for first, _ in poisoned), detail
+            if not all(first >= cut // PAGE for first, _ in poisoned):
+                said = [x for x in d.log_lines() if x.get("session") == sid and x.get("event") in (
+                    "source_failed", "failure_narrowed", "poison_failed", "session_bug")]
+                raise AssertionError(("a page below the cut was poisoned", cut // PAGE, poisoned, detail, said))
             assert res["complete"], detail
             assert _ended(d, sid)["outcome"] == "complete"
             image.unlink()

@@ -152,10 +152,17 @@ class RawImageSource(PageSource):
             raise SourceError(f"{self.name}: source is closed")
         end = offset + length
         if not self._mapped(end):
-            if self._lease.valid():  # leased, and the file is shorter than that
-                raise SourceError(f"{self.name}: file shrank to {self._lease.size} bytes under the daemon "
+            lease = self._lease
+            # Asked again: a lease refused a moment ago (a truncate was under
+            # way) may be had now, with the new size. Only bytes past that
+            # size are missing; bytes below it are read as usual.
+            if not lease.valid():
+                return self._read(offset, length)
+            if end > lease.size:
+                raise SourceError(f"{self.name}: file shrank to {lease.size} bytes under the daemon "
                                   f"(needed {end})")
-            return self._read(offset, length)
+            if not self._mapped(end):  # pragma: no cover - the lease is held and covers end
+                return self._read(offset, length)
         out: list[Extent] = []
         pos = offset
         while pos < end:
