@@ -73,6 +73,7 @@ from .operations import listeners as operator_listeners
 from .session import RestoreSession
 from .sessions import SessionTable
 from .sources.registry import SourceRegistry
+from .target_vmas import descendants, registered_at
 
 
 class Listener(Protocol):
@@ -249,7 +250,7 @@ class Daemon:
         root = self._roots.get(s.id.split(".")[0])
         if root is None or not s.mappings:
             return []
-        return [p for p in _descendants(root) if _uffd_registered_at(p, s.mappings[0].start)]
+        return [p for p in descendants(root) if registered_at(p, s.mappings[0].start)]
 
     def _parts(self) -> Iterator[tuple[str, object]]:
         """Every part a reload may reach, by the role RELOAD_USERS names."""
@@ -568,50 +569,6 @@ def start_error(e: OSError, cfg: Config, starting: str | None) -> tuple[str, dic
     need = "read" if read else "write"
     fix = access_fix(path, need)
     return f"cannot start: permission denied on {path}", {"path": str(path), "fix": fix}
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children of any of its threads, and theirs)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except (OSError, ValueError):
-                continue
-            for k in kids:
-                if k not in out:
-                    out.append(k)
-                    todo.append(k)
-    return out
-
-
-def _uffd_registered_at(pid: int, addr: int) -> bool:
-    """Whether ``pid``'s mapping at ``addr`` is registered with a uffd
-    (``um`` in its smaps VmFlags: missing-page tracking)."""
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            inside = False
-            for line in f:
-                head = line.split(" ", 1)[0]
-                if "-" in head and ":" not in head:
-                    lo, _, hi = head.partition("-")
-                    try:
-                        inside = int(lo, 16) <= addr < int(hi, 16)
-                    except ValueError:
-                        inside = False
-                elif inside and line.startswith("VmFlags:"):
-                    return "um" in line.split()[1:]
-    except OSError:
-        return False
-    return False
 
 
 def _kill(pid: int) -> int:

@@ -376,19 +376,8 @@ async def _refuse_plain(conn: socket.socket, code: pp.ErrorCode, message: str) -
 
 async def _drain(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
     """Read and drop what the client sends until it closes."""
-    while True:
-        try:
-            if not conn.recv(65536):
-                return
-            continue
-        except (BlockingIOError, InterruptedError):
-            pass
-        ready = loop.create_future()
-        loop.add_reader(conn.fileno(), ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(conn.fileno())
+    while await loop.sock_recv(conn, 65536):
+        pass
 
 
 class _ExportProtocol(asyncio.BufferedProtocol):

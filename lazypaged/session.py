@@ -69,6 +69,7 @@ from .memory_map import INFLIGHT, INFLIGHT_TO_MISSING, MISSING, PAGE, SETTLED, M
 from .session_stats import Outcome, SessionStats
 from .sources import Extent, PageSource, SourceError
 from .sources.raw import ZERO_CHECK_MAX, zeros_address
+from .target_vmas import children_of, registered_at
 from .uffd import abi
 from .uffd import ops as _ops
 
@@ -254,7 +255,7 @@ class RestoreSession:
         if self.pid:
             # Before the first read: a fork the target is in waits for that
             # read, so its child is not among these.
-            self._known_children = _children_of(self.pid)
+            self._known_children = children_of(self.pid)
         fd = self.uffd.fileno()
         loop.add_reader(fd, self._on_readable)
         self._readers.append(fd)
@@ -1254,7 +1255,7 @@ class RestoreSession:
                 if delay:
                     await asyncio.sleep(delay)
                 delay = min(max(delay * 2, PID_SEARCH_FIRST), PID_SEARCH_MAX)
-                kids = _children_of(ppid)
+                kids = children_of(ppid)
                 if kids is None or parent._target_exited():
                     why = "the parent exited first"
                     break
@@ -1265,7 +1266,7 @@ class RestoreSession:
                 # registered can be the child: not a helper the target
                 # spawned (and exec'd) meanwhile, which no event announces.
                 first = self.mappings[0].start if self.mappings else 0
-                new = {k for k in kids - before - parent._child_pids if _registered_at(k, first)}
+                new = {k for k in kids - before - parent._child_pids if registered_at(k, first)}
                 if not new:
                     continue
                 if len(new) > 1 or len(parent._pid_searches) > 1:
@@ -1280,7 +1281,7 @@ class RestoreSession:
                     break
                 # A pidfd names one process for good; the pid is that child's
                 # only if it still is the parent's child after the open.
-                if pid not in (_children_of(ppid) or ()):
+                if pid not in (children_of(ppid) or ()):
                     os.close(pidfd)
                     why = "the child exited first"
                     break
@@ -1302,7 +1303,7 @@ class RestoreSession:
         self.log = self.log.bind(pid=pid)
         # Read before any of this child's own fork events (they wait for
         # the read), so its children to come are not among them.
-        self._known_children = _children_of(pid)
+        self._known_children = children_of(pid)
         if self._loop is not None:
             self._loop.add_reader(pidfd, self._on_target_exit)
             self._readers.append(pidfd)
@@ -1594,43 +1595,6 @@ class RestoreSession:
             "source_errors": st.source_errors,
             "bytes_poisoned": st.bytes_poisoned,
         }
-
-
-def _registered_at(pid: int, addr: int) -> bool:
-    """Whether ``pid``'s mapping at ``addr`` is registered for missing pages
-    (``um`` in its smaps VmFlags)."""
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            inside = False
-            for line in f:
-                head = line.split(" ", 1)[0]
-                if "-" in head and ":" not in head:
-                    lo, _, hi = head.partition("-")
-                    try:
-                        inside = int(lo, 16) <= addr < int(hi, 16)
-                    except ValueError:
-                        inside = False
-                elif inside and line.startswith("VmFlags:"):
-                    return "um" in line.split()[1:]
-    except OSError:
-        return False
-    return False
-
-
-def _children_of(pid: int) -> frozenset[int] | None:
-    """The children of every thread of ``pid``; None once it is gone."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return None
-    kids: set[int] = set()
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids.update(int(k) for k in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return frozenset(kids)
 
 
 async def _fetch_copies(rec: workingset.Recorder) -> dict[int, bytes]:

@@ -14,6 +14,7 @@ what the uffd alone can prove (``_read_target`` in handoff_server.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 #: VmFlags mnemonic of VM_UFFD_MISSING: some uffd is registered there in missing mode.
@@ -83,3 +84,41 @@ def page_mismatch(vmas: list[Vma], start: int, end: int, page: int) -> Vma | Non
         if v.end > start and v.start < end and v.page != page:
             return v
     return None
+
+
+def registered_at(pid: int, addr: int) -> bool:
+    """Whether ``pid``'s mapping at ``addr`` is registered with a uffd in
+    missing mode; False when it cannot be read (gone, not ours to see)."""
+    try:
+        vmas = read_vmas(pid, flags=True)
+    except (OSError, ValueError):
+        return False
+    return any(v.start <= addr < v.end and UFFD_MISSING_FLAG in v.flags for v in vmas)
+
+
+def children_of(pid: int) -> frozenset[int] | None:
+    """The children of every thread of ``pid``; None once it is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    kids: set[int] = set()
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.update(int(k) for k in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return frozenset(kids)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children of any of its threads, and theirs)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for k in sorted(children_of(todo.pop()) or ()):
+            if k not in out:
+                out.append(k)
+                todo.append(k)
+    return out
